@@ -1,0 +1,93 @@
+"""KnOTS (Stoica et al., ICLR 2025): align updates in a shared SVD basis, then merge there.
+
+Per module, [ΔW_1 | … | ΔW_n] = U Σ [V_1ᵀ … V_nᵀ]; the blocks R_i = Σ V_iᵀ are merged (TIES or mean) and the
+result is U · R_merged. All of it is computed from the LoRA factors: with ΔW_i = B_i A_i,
+
+    [ΔW_1 | … ] = B_cat · blockdiag(A_i),   B_cat = Q R (thin QR),   A_iᵀ = Q_i P_i (thin QR)
+               = Q · (R · blockdiag(P_iᵀ)) · blockdiag(Q_iᵀ)
+
+and the middle factor is a small (Σr × Σr) core: its SVD W_L S W_Rᵀ gives U = Q W_L and V_iᵀ = W_Rᵀ[:, block i] Q_iᵀ,
+so no out × n·in matrix is ever formed. The merged update is low-rank with rank ≤ Σ r_i.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from mergeability.errors import MergeabilityError
+from mergeability.merging.base import check_updates, check_weights, compute_dtype, params_of, result
+from mergeability.merging.ties import check_sparsify, disjoint_merge, sparsify
+from mergeability.updates import LowRank, Update
+
+
+def shared_basis(factors: list[LowRank], rtol: float) -> tuple[Tensor, list[Tensor]]:
+    """U (out × K) and the blocks R_i = Σ V_iᵀ (K × in) of the concatenation of the factors' ΔW."""
+    B_cat = torch.cat([f.scale * f.B for f in factors], 1)
+    Q, R = torch.linalg.qr(B_cat)
+    qa = [torch.linalg.qr(f.A.T) for f in factors]  # A_iᵀ = Q_i P_i
+    blocks, start = [], 0
+    for f, (_, P) in zip(factors, qa):
+        blocks.append(R[:, start : start + f.rank] @ P.T)
+        start += f.rank
+    core = torch.cat(blocks, 1)
+    WL, S, WRt = torch.linalg.svd(core, full_matrices=False)
+    keep = max(1, int((S > rtol * S[0]).sum())) if S[0] > 0 else 1
+    U = Q @ WL[:, :keep]
+    Rs, start = [], 0
+    for (Qi, P) in qa:
+        r_i = P.shape[0]
+        Rs.append((S[:keep, None] * WRt[:keep, start : start + r_i]) @ Qi.T)
+        start += r_i
+    return U, Rs
+
+
+@dataclass(frozen=True)
+class Knots:
+    """KnOTS over LoRA updates; the result stays low-rank (rank ≤ the sum of the input ranks)."""
+
+    inner: Literal["ties", "mean"] = "ties"  # how the aligned blocks R_i are merged
+    density: float = 0.2  # TIES: fraction of each update's aligned entries kept
+    lam: float = 1.0  # scaling of the merged update
+    per_module: bool = False  # TIES: trim per module instead of over the whole update
+    dare: float | None = None  # DARE drop probability: replaces magnitude trimming when set
+    seed: int = 0  # for DARE's random masks
+    rtol: float = 1e-7  # drop singular directions below rtol · σ_max (numerically zero)
+
+    name = "knots"
+
+    def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        if self.inner not in ("ties", "mean"):
+            raise MergeabilityError(f"knots inner merge must be 'ties' or 'mean', got {self.inner!r}")
+        check_sparsify(self.density, self.dare)
+        if not math.isfinite(self.lam):
+            raise MergeabilityError("lambda must be a finite number")
+        w = check_weights(weights, len(updates))
+        check_updates(updates)
+        for u in updates:
+            if any(not isinstance(m, LowRank) for m in u.modules.values()):
+                raise MergeabilityError("knots needs low-rank (LoRA) updates: merge dense updates with ties or mean")
+        dtype = compute_dtype(updates)
+        names = sorted({n for u in updates for n in u.modules})
+        bases: dict[str, Tensor] = {}
+        aligned: list[dict[str, Tensor]] = [{} for _ in updates]  # per update: module -> R_i
+        for name in names:
+            idx = [i for i, u in enumerate(updates) if name in u.modules]
+            # The weights scale each update before the SVD, so trimming and sign election see them.
+            fs = [updates[i].modules[name].to(dtype) for i in idx]
+            fs = [LowRank(f.A, f.B, f.scale * w[i]) for f, i in zip(fs, idx)]
+            bases[name], Rs = shared_basis(fs, self.rtol)
+            for i, R_i in zip(idx, Rs):
+                aligned[i][name] = R_i
+        if self.inner == "mean":
+            total = sum(w)
+            merged = {n: sum(blk[n] for blk in aligned if n in blk) / total for n in names}
+        else:
+            trimmed = sparsify(aligned, self.density, self.per_module, self.dare, self.seed)
+            merged = disjoint_merge(trimmed, w)
+        out = {n: LowRank(self.lam * merged[n], bases[n], 1.0) for n in names}
+        return result(out, updates, self.name, params_of(self), w)

@@ -1,0 +1,55 @@
+"""Linear merges, kept exactly low-rank: Σ c_i s_i B_i A_i = [c_1 s_1 B_1 | … ] @ [A_1; …]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from mergeability.errors import MergeabilityError
+from mergeability.merging.base import check_updates, check_weights, compute_dtype, params_of, result
+from mergeability.updates import Dense, LowRank, Update
+
+
+def linear_combination(updates: Sequence[Update], coefs: Sequence[float]) -> dict:
+    """Σ c_i ΔW_i per module; a module absent from an update counts as ΔW = 0 there."""
+    dtype = compute_dtype(updates)
+    out = {}
+    for name in check_updates(updates):
+        terms = [(c, u.modules[name].to(dtype)) for c, u in zip(coefs, updates) if name in u.modules]
+        if all(isinstance(m, LowRank) for _, m in terms):
+            A = torch.cat([m.A for _, m in terms], 0)
+            B = torch.cat([(c * m.scale) * m.B for c, m in terms], 1)
+            out[name] = LowRank(A, B, 1.0)
+        else:
+            out[name] = Dense(sum(c * m.delta() for c, m in terms))
+    return out
+
+
+@dataclass(frozen=True)
+class Mean:
+    """Weighted mean of ΔW (never of A and B separately: that would add cross terms)."""
+
+    name = "mean"
+
+    def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        w = check_weights(weights, len(updates))
+        total = sum(w)
+        return result(linear_combination(updates, [x / total for x in w]), updates, self.name, params_of(self), w)
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """λ · Σ w_i ΔW_i (Ilharco et al., 2023)."""
+
+    lam: float = 1.0  # scaling of the summed task vectors
+
+    name = "task_arithmetic"
+
+    def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        if not torch.isfinite(torch.tensor(self.lam)):
+            raise MergeabilityError("lambda must be a finite number")
+        w = check_weights(weights, len(updates), nonnegative=False)
+        coefs = [self.lam * x for x in w]
+        return result(linear_combination(updates, coefs), updates, self.name, params_of(self), w)

@@ -1,0 +1,95 @@
+"""TIES merging (Yadav et al., 2023): trim, elect sign, disjoint mean; DARE (Yu et al., 2024) as the trim option."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mergeability.errors import MergeabilityError
+from mergeability.merging.base import check_updates, check_weights, compute_dtype, params_of, result
+from mergeability.updates import Dense, Update
+
+Blocks = dict[str, Tensor]  # one update's tensors, by module name
+
+
+def check_sparsify(density: float, dare: float | None) -> None:
+    if not (0.0 < density <= 1.0):
+        raise MergeabilityError(f"density must be in (0, 1], got {density}")
+    if dare is not None and not (0.0 <= dare < 1.0):
+        raise MergeabilityError(f"dare drop probability must be in [0, 1), got {dare}")
+
+
+def magnitude_threshold(x: Tensor, density: float) -> Tensor:
+    """The k-th largest |x| with k = max(1, round(density · numel)); kthvalue, not a full sort."""
+    a = x.abs().flatten()
+    k = max(1, round(density * a.numel()))
+    return torch.kthvalue(a, a.numel() - k + 1).values
+
+
+def sparsify(blocks: list[Blocks], density: float, per_module: bool, dare: float | None, seed: int) -> list[Blocks]:
+    """Magnitude trim (keep entries with |x| ≥ the k-th largest), or DARE: drop with probability p, rescale."""
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    for blk in blocks:
+        if dare is not None:
+            # Draw masks in a fixed order (update, sorted module) so a seed gives one answer.
+            kept = {}
+            for name in sorted(blk):
+                keep = torch.rand(blk[name].shape, generator=gen, dtype=torch.float64) >= dare
+                kept[name] = blk[name] * keep.to(blk[name].dtype) / (1.0 - dare)
+            out.append(kept)
+        elif per_module:
+            out.append({n: t * (t.abs() >= magnitude_threshold(t, density)) for n, t in blk.items()})
+        else:
+            t_all = magnitude_threshold(torch.cat([t.flatten() for t in blk.values()]), density)
+            out.append({n: t * (t.abs() >= t_all) for n, t in blk.items()})
+    return out
+
+
+def disjoint_merge(trimmed: list[Blocks], weights: Sequence[float]) -> Blocks:
+    """Elect the sign of the sum per entry; average the entries that agree with it.
+
+    `trimmed` already carries each update's weight; the mean divides by the agreeing updates' weights, so
+    all weights 1 is plain TIES, and a weight of 0 is the same as leaving the update out.
+    """
+    merged = {}
+    for name in sorted({n for blk in trimmed for n in blk}):
+        present = [(w, blk[name]) for w, blk in zip(weights, trimmed) if name in blk]
+        sign = torch.sign(sum(t for _, t in present))
+        num = torch.zeros_like(present[0][1])
+        den = torch.zeros_like(num)
+        for w, t in present:
+            agree = (torch.sign(t) == sign) & (t != 0)
+            num += torch.where(agree, t, 0.0)
+            den += agree * w
+        merged[name] = torch.where(den > 0, num / den.clamp_min(torch.finfo(num.dtype).tiny), 0.0)
+    return merged
+
+
+@dataclass(frozen=True)
+class Ties:
+    """TIES on the dense ΔW of each module; the result is dense."""
+
+    density: float = 0.2  # fraction of entries kept per update by magnitude
+    lam: float = 1.0  # scaling of the merged update
+    per_module: bool = False  # trim per module instead of over the whole update
+    dare: float | None = None  # DARE drop probability: replaces magnitude trimming when set
+    seed: int = 0  # for DARE's random masks
+
+    name = "ties"
+
+    def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        check_sparsify(self.density, self.dare)
+        if not math.isfinite(self.lam):
+            raise MergeabilityError("lambda must be a finite number")
+        w = check_weights(weights, len(updates))
+        check_updates(updates)
+        dtype = compute_dtype(updates)
+        scaled = [{n: wi * m.to(dtype).delta() for n, m in u.modules.items()} for wi, u in zip(w, updates)]
+        trimmed = sparsify(scaled, self.density, self.per_module, self.dare, self.seed)
+        merged = disjoint_merge(trimmed, w)
+        return result({n: Dense(self.lam * t) for n, t in merged.items()}, updates, self.name, params_of(self), w)

