@@ -49,3 +49,20 @@ def random_update(shapes: dict, ranks, scale=None, seed=0, dtype=torch.float64, 
         s = scale if scale is not None else 2.0 / r
         mods[name] = LowRank(torch.randn(r, i, generator=g, dtype=dtype), torch.randn(o, r, generator=g, dtype=dtype), s)
     return Update(mods, base)
+
+
+def word_facts(n=20, seed=0, n_rel=2):
+    """PopQA-schema facts in the tiny tokenizer's vocabulary (w0..w123), multi-token answers."""
+    import random
+
+    from mergeability.data.facts import Fact
+
+    rng = random.Random(seed)
+    facts = []
+    for i in range(n):
+        rel = f"r{i % n_rel}"
+        obj = " ".join(f"w{rng.randrange(60, 124)}" for _ in range(1 + i % 3))
+        subj = f"w{i}"
+        facts.append(Fact(f"f{i}", subj, rel, obj, float(100 + i), f"w{40 + i % n_rel} {subj} w50", (obj,),
+                          f"{subj} w51 {obj} . {subj} w52 {obj} . w{40 + i % n_rel} {subj} w50 {obj}"))
+    return facts

@@ -87,15 +87,55 @@ def merge(
     console.print(f"merged in {elapsed * 1000:.1f} ms; weights {['%.3g' % x for x in (w or [1.0] * len(updates))]}")
 
 
+run_app = typer.Typer(help="End-to-end mergeability runs.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+
+
+@run_app.command("popqa")
+def run_popqa_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/popqa"),
+    config: Annotated[Optional[Path], typer.Option(help="YAML config file; flags override it.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="demo | paper-llama | paper-qwen")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Hub id, local directory, or smollm2-135m.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="geo | popqa | PATH (.tsv/.jsonl/.parquet).")] = None,
+    relations: Annotated[Optional[str], typer.Option(help="Comma-separated relations to keep.")] = None,
+    items: Annotated[Optional[int], typer.Option(help="Questions screened by the base model.")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="M: trials per update.")] = None,
+    partners: Annotated[Optional[int], typer.Option(help="N: partners merged with the update per trial.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Merge method: knots | ties | mean | task_arithmetic.")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="Decoder layer to adapt (default: the middle one).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")] = False,
+) -> None:
+    """Example-level mergeability (paper §2, §3.1): screen, train one LoRA per wrong item, score by merging."""
+    from mergeability.config import load_config
+    from mergeability.pipelines import run_popqa
+
+    if resume and (out / "config.yaml").exists() and config is None:
+        config = out / "config.yaml"
+    cfg = load_config(config, preset).replace(
+        model=model, dataset=dataset, items=items, trials=trials, partners=partners, method=method, layer=layer,
+        rank=rank, device=device, dtype=dtype, seed=seed,
+        relations=[r.strip() for r in relations.split(",") if r.strip()] if relations else None,
+    )
+    run_popqa(cfg, out, resume=resume, console=console)
+    console.print(f"wrote {out / 'scores.csv'} and {out / 'results.sqlite'}")
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Directory for the demo's merged adapter.")] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="Seed for the demo's updates.")] = 0,
+    out: Annotated[Path, typer.Option(help="Run directory (resumed if it exists).")] = Path("runs/demo"),
 ) -> None:
-    """A small end-to-end run on the bundled model: make updates, merge them every way, compare."""
-    from mergeability.demo import run_demo
+    """The paper's main experiment on the bundled model and the bundled geo dataset, sized for a laptop CPU."""
+    from mergeability.config import load_config
+    from mergeability.pipelines import run_popqa
 
-    run_demo(out, seed=seed, console=console)
+    cfg = load_config(None, "demo")
+    run_popqa(cfg, out, resume=True, console=console)
+    console.print(f"wrote {out / 'scores.csv'} and {out / 'results.sqlite'}")
 
 
 def main() -> None:

@@ -1,0 +1,95 @@
+"""Run configuration: one dataclass with commented defaults, YAML in and out, presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeability.errors import MergeabilityError
+
+
+@dataclass
+class RunConfig:
+    # base model
+    model: str = "smollm2-135m"  # hub id, local directory, or the bundled name
+    revision: str | None = None  # hub revision (recorded as provenance)
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None  # torch CPU threads; None = all cores
+    # data
+    dataset: str = "geo"  # geo | popqa | path to a .tsv/.jsonl/.parquet file in the PopQA schema
+    relations: list[str] | None = None  # None = all relations of the dataset
+    items: int = 200  # questions screened by the base model
+    n_options: int = 8  # gold + 7 distractors
+    k_shot: int = 3  # solved examples in the prompt
+    distractors: str = "relation"  # draw distractors from the same relation, or from "any"
+    norm: str = "token"  # option score normalisation: token | char | none
+    # per-item LoRA (paper Table A.3)
+    layer: int | None = None  # decoder layer to adapt; None = the middle layer
+    targets: list[str] = field(default_factory=lambda: ["mlp.up_proj"])
+    rank: int = 64
+    alpha: float = 128.0
+    lr: float = 4e-3
+    epochs: int = 10
+    # mergeability estimation
+    trials: int = 5  # M
+    partners: int = 10  # N
+    method: str = "knots"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MergeabilityError(f"{where}: unknown keys {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS: dict[str, dict] = {
+    # bundled model and data, sized for a 2-core CPU
+    "demo": dict(items=180, trials=5, partners=10),
+    "paper-llama": dict(model="meta-llama/Llama-3.2-3B", dataset="popqa", layer=14, items=1000, device="cuda",
+                        dtype="bfloat16"),
+    "paper-qwen": dict(model="Qwen/Qwen2.5-3B", dataset="popqa", layer=18, items=1000, device="cuda",
+                       dtype="bfloat16"),
+}
+
+
+def load_config(path: str | Path | None, preset: str | None = None) -> RunConfig:
+    base: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise MergeabilityError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        base.update(PRESETS[preset])
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise MergeabilityError(f"{p}: no such config file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise MergeabilityError(f"{p}: invalid YAML{at}") from None
+        if not isinstance(data, dict):
+            raise MergeabilityError(f"{p}: a config file must be a mapping of keys to values")
+        base.update(data)
+    return RunConfig.from_dict(base, str(path or "preset"))
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

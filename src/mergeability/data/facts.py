@@ -1,0 +1,127 @@
+"""PopQA-schema rows ("facts") from the hub, local TSV/JSONL/Parquet files, or the bundled `geo` builder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from mergeability.errors import MergeabilityError
+
+REQUIRED = ("id", "subj", "prop", "obj", "s_pop", "question", "possible_answers")
+HUB_POPQA = "akariasai/PopQA"
+
+
+@dataclass(frozen=True)
+class Fact:
+    id: str
+    subj: str
+    prop: str  # the relation, e.g. "capital"
+    obj: str  # the gold answer
+    s_pop: float  # subject popularity (PopQA: Wikipedia page views; geo: population)
+    question: str
+    possible_answers: tuple[str, ...]  # the gold and its aliases
+    passage: str | None = None  # training text about the subject
+
+
+def _fact_from_row(row: dict, where: str) -> Fact:
+    missing = [c for c in REQUIRED if c not in row or row[c] is None or row[c] == ""]
+    if missing:
+        raise MergeabilityError(f"{where}: missing column {missing[0]!r} (PopQA schema needs {', '.join(REQUIRED)})")
+    answers = row["possible_answers"]
+    if isinstance(answers, str):
+        try:
+            answers = json.loads(answers)
+        except json.JSONDecodeError:
+            raise MergeabilityError(f"{where}, column 'possible_answers': not a JSON list: {answers[:40]!r}") from None
+    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
+        raise MergeabilityError(f"{where}, column 'possible_answers': must be a list of strings")
+    try:
+        pop = float(row["s_pop"])
+    except (TypeError, ValueError):
+        raise MergeabilityError(f"{where}, column 's_pop': not a number: {row['s_pop']!r}") from None
+    passage = row.get("passage") or None
+    return Fact(str(row["id"]), str(row["subj"]), str(row["prop"]), str(row["obj"]), pop, str(row["question"]),
+                tuple(answers), passage)
+
+
+def _read_rows(path: Path) -> Iterable[tuple[int, dict]]:
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            yield from enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), start=2)
+    elif suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield i, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise MergeabilityError(f"{path}, row {i}: invalid JSON ({e.msg})") from None
+    elif suffix == ".parquet":
+        try:
+            import pandas as pd
+        except ImportError:
+            raise MergeabilityError("reading Parquet needs pandas and pyarrow: pip install pandas pyarrow") from None
+        yield from enumerate(pd.read_parquet(path).to_dict("records"), start=1)
+    else:
+        raise MergeabilityError(f"{path}: unknown file type {suffix!r}: use .tsv, .csv, .jsonl or .parquet")
+
+
+def load_file(path: str | Path) -> list[Fact]:
+    path = Path(path)
+    if not path.exists():
+        raise MergeabilityError(f"{path}: no such dataset file")
+    facts = [_fact_from_row(row, f"{path}, row {i}") for i, row in _read_rows(path)]
+    if not facts:
+        raise MergeabilityError(f"{path}: the file has no rows")
+    return facts
+
+
+def load_hub(name: str = HUB_POPQA, split: str = "test") -> list[Fact]:
+    """PopQA from the Hugging Face hub (needs network and the `datasets` package)."""
+    try:
+        import datasets
+    except ImportError:
+        raise MergeabilityError("loading PopQA from the hub needs the datasets package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, …: one line is what the user needs
+        raise MergeabilityError(f"cannot load {name} from the hub: {str(e).splitlines()[0]}") from None
+    return [_fact_from_row(row, f"{name}, row {i}") for i, row in enumerate(ds, start=1)]
+
+
+def load_facts(
+    dataset: str,
+    *,
+    relations: Sequence[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[Fact]:
+    """Facts of `dataset` ('geo', 'popqa', or a file), filtered to `relations`, `limit` of them sampled by seed.
+
+    The sample keeps every relation represented in proportion; it is what a run screens.
+    """
+    if dataset == "geo":
+        from mergeability.data.geo import build_geo
+
+        facts = build_geo(relations=relations, limit=limit, seed=seed)
+        return facts
+    if dataset == "popqa":
+        facts = load_hub()
+    elif Path(dataset).suffix or Path(dataset).exists():
+        facts = load_file(dataset)
+    else:
+        raise MergeabilityError(f"unknown dataset {dataset!r}: use geo, popqa, or a .tsv/.jsonl/.parquet file")
+    if relations:
+        known = sorted({f.prop for f in facts})
+        bad = [r for r in relations if r not in known]
+        if bad:
+            raise MergeabilityError(f"unknown relation {bad[0]!r} in {dataset}: choose from {', '.join(known)}")
+        facts = [f for f in facts if f.prop in relations]
+    if limit is not None and limit < len(facts):
+        facts = random.Random(seed).sample(facts, limit)
+    return facts

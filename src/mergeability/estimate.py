@@ -1,0 +1,62 @@
+"""The mergeability estimator: for each update, M trials of merging it with N sampled partners.
+
+Partners for (target, trial) come from an RNG seeded by (run seed, target, trial) alone, so a trial's result
+does not depend on the order trials run in, on resumption, or on which worker runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+from mergeability.errors import MergeabilityError
+from mergeability.merging import get_method
+from mergeability.updates import Update
+
+
+def partners_for(seed: int, target: str, trial: int, pool: Sequence[str], n: int) -> list[str]:
+    """N partners for one trial, sampled without replacement from `pool` minus the target."""
+    others = sorted(p for p in pool if p != target)
+    if n > len(others):
+        raise MergeabilityError(f"--partners {n} is larger than the pool of {len(others)} other updates")
+    digest = hashlib.sha256(f"{seed}\x1f{target}\x1f{trial}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big")).sample(others, n)
+
+
+@dataclass(frozen=True)
+class Trial:
+    target: str
+    trial: int
+    partners: tuple[str, ...]
+
+
+def plan_trials(seed: int, targets: Sequence[str], pool: Sequence[str], trials: int, partners: int) -> list[Trial]:
+    return [Trial(t, m, tuple(partners_for(seed, t, m, pool, partners))) for t in targets for m in range(trials)]
+
+
+def params_key(method: str, params: Mapping) -> str:
+    """A canonical string of a method's parameters: part of a trial's unique key."""
+    return json.dumps({"method": method, **params}, sort_keys=True)
+
+
+def run_trials(
+    plan: Sequence[Trial],
+    updates: Mapping[str, Update],
+    method: str,
+    params: Mapping,
+    evaluate: Callable[[str, Update], object],
+    record: Callable[[Trial, object], None],
+    done: set[tuple[str, int]] = frozenset(),
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Merge and evaluate every planned trial not in `done`; `record` stores each result as it comes."""
+    merger = get_method(method, **params)
+    for t in plan:
+        if (t.target, t.trial) not in done:
+            merged = merger.merge([updates[t.target], *(updates[p] for p in t.partners)])
+            record(t, evaluate(t.target, merged))
+        if progress is not None:
+            progress()

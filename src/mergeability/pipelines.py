@@ -1,0 +1,232 @@
+"""End-to-end recipes. Each stage reads what the store already has and does only what is missing."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mergeability.config import RunConfig, save_config
+from mergeability.errors import MergeabilityError
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before anything is written to the run directory."""
+
+    cfg: RunConfig
+    lm: object
+    items: list
+    modules: list[str]
+
+
+def prepare_popqa(cfg: RunConfig) -> Prepared:
+    from mergeability.data import build_items, load_facts
+    from mergeability.models import load_model, module_name, num_layers
+    from mergeability.scoring import NORMS
+
+    if cfg.items <= 0:
+        raise MergeabilityError(f"--items must be at least 1, got {cfg.items}")
+    if cfg.trials <= 0 or cfg.partners < 0:
+        raise MergeabilityError("--trials must be ≥ 1 and --partners ≥ 0")
+    if cfg.partners >= cfg.items:
+        raise MergeabilityError(f"--partners {cfg.partners} is larger than the pool: at most {cfg.items - 1} "
+                                f"other updates can exist with --items {cfg.items}")
+    if cfg.norm not in NORMS:
+        raise MergeabilityError(f"unknown normalisation {cfg.norm!r}: use one of {', '.join(NORMS)}")
+    from mergeability.merging import get_method
+
+    get_method(cfg.method, **cfg.method_params)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    facts = load_facts(cfg.dataset, relations=cfg.relations, limit=cfg.items, seed=cfg.seed)
+    pools = None
+    if cfg.dataset == "geo":
+        from mergeability.data.geo import answer_pool
+
+        pools = {r: answer_pool(r) for r in {f.prop for f in facts}}
+    items = build_items(facts, pools=pools, n_options=cfg.n_options, k_shot=cfg.k_shot,
+                        distractors=cfg.distractors, seed=cfg.seed)
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
+    layer = num_layers(lm.model) // 2 if cfg.layer is None else cfg.layer
+    modules = [module_name(lm.model, layer, t) for t in cfg.targets]
+    return Prepared(cfg, lm, items, modules)
+
+
+def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
+    """Screen → train → trials → scores.csv. Returns the summary."""
+    from mergeability import __version__
+    from mergeability.estimate import params_key, plan_trials, run_trials
+    from mergeability.scoring import score_item
+    from mergeability.store import Store
+    from mergeability.training import TrainConfig, train_lora
+    from mergeability.updates import applied, load_update, save_update
+
+    console = console or Console()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise MergeabilityError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prep = prepare_popqa(cfg)  # all bad input is found here, before the run directory exists
+    timings["load"] = time.perf_counter() - t0
+    lm, items, modules = prep.lm, prep.items, prep.modules
+    model, tok = lm.model, lm.tokenizer
+    (out / "updates").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    store = Store(out / "results.sqlite")
+    store.set_meta("provenance", {"model": cfg.model, "revision": cfg.revision, "dtype": cfg.dtype,
+                                  "norm": cfg.norm, "seed": cfg.seed, "version": __version__,
+                                  "modules": modules, "torch": torch.__version__})
+    by_id = {it.id: it for it in items}
+
+    with _progress(console) as progress:
+        # 1. screen every item with the base model
+        t = time.perf_counter()
+        done = store.ids("items")
+        task = progress.add_task("screen", total=len(items), completed=len(done & set(by_id)))
+        for it in items:
+            if it.id in done:
+                continue
+            s = score_item(model, tok, it, cfg.norm)
+            store.add_item(dict(id=it.id, relation=it.fact.prop, subj=it.fact.subj, question=it.fact.question,
+                                obj=it.fact.obj, s_pop=it.fact.s_pop, options=list(it.options), gold=it.gold,
+                                correct=int(s.correct), scores=list(s.scores), gold_prob=s.gold_prob,
+                                gold_rank=s.gold_rank, gap=s.gap))
+            progress.advance(task)
+        timings["screen"] = time.perf_counter() - t
+
+        # 2. train one update per base-wrong item; keep it if it makes the item correct
+        t = time.perf_counter()
+        wrong = [r["id"] for r in store.rows("SELECT id FROM items WHERE correct = 0") if r["id"] in by_id]
+        done = store.ids("updates", "item_id")
+        task = progress.add_task("train", total=len(wrong), completed=len(done & set(wrong)))
+        tcfg = TrainConfig(rank=cfg.rank, alpha=cfg.alpha, lr=cfg.lr, epochs=cfg.epochs)
+        for item_id in wrong:
+            if item_id in done:
+                continue
+            it = by_id[item_id]
+            if not it.fact.passage:
+                raise MergeabilityError(f"item {item_id} has no training passage: add a 'passage' column")
+            ids = tok(it.fact.passage, return_tensors="pt").input_ids.to(cfg.device)
+            upd, stats = train_lora(model, ids, modules, tcfg, seed=cfg.seed, key=item_id, base_model=cfg.model)
+            with applied(model, upd):
+                s = score_item(model, tok, it, cfg.norm)
+            path = out / "updates" / _safe(item_id)
+            if s.correct:
+                save_update(upd, path, force=True)
+            store.add_update(dict(item_id=item_id, path=str(path.relative_to(out)) if s.correct else None,
+                                  kept=int(s.correct), train_loss=stats.loss, passage_ppl=stats.passage_ppl,
+                                  passage_tokens=stats.passage_tokens, post_scores=list(s.scores),
+                                  post_gold_prob=s.gold_prob, post_gap=s.gap, fro_norm=upd.fro_norm(),
+                                  top_sv=upd.top_singular_value()))
+            progress.advance(task)
+        timings["train"] = time.perf_counter() - t
+
+        # 3. mergeability trials
+        t = time.perf_counter()
+        kept = store.rows("SELECT item_id, path FROM updates WHERE kept = 1 ORDER BY item_id")
+        kept = [r for r in kept if r["item_id"] in by_id]
+        if len(kept) <= cfg.partners:
+            raise MergeabilityError(f"--partners {cfg.partners} is larger than the pool: only {len(kept)} updates "
+                                    f"were kept; lower --partners or raise --items, then --resume")
+        updates = {r["item_id"]: load_update(out / r["path"]) for r in kept}
+        pool = sorted(updates)
+        plan = plan_trials(cfg.seed, pool, pool, cfg.trials, cfg.partners)
+        key = params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners})
+        done = store.done_trials(cfg.method, key)
+        task = progress.add_task("trials", total=len(plan), completed=sum((p.target, p.trial) in done for p in plan))
+
+        def evaluate(target, merged):
+            with applied(model, merged):
+                return score_item(model, tok, by_id[target], cfg.norm)
+
+        def record(trial, s):
+            store.add_trial(dict(target=trial.target, trial=trial.trial, method=cfg.method, params=key,
+                                 partners=list(trial.partners), correct=int(s.correct), probs=s.probs))
+            progress.advance(task)
+
+        run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done)
+        timings["trials"] = time.perf_counter() - t
+
+    summary = summarize(store, cfg, key, pool)
+    write_scores_csv(store, key, pool, out / "scores.csv")
+    store.set_meta("timings", timings)
+    store.close()
+    summary["timings"] = timings
+    print_summary(summary, console)
+    return summary
+
+
+def scores(store, key: str, pool: list[str]) -> dict[str, float]:
+    rows = store.rows("SELECT target, AVG(correct) AS score FROM trials WHERE params = ? GROUP BY target", (key,))
+    return {r["target"]: r["score"] for r in rows if r["target"] in set(pool)}
+
+
+def summarize(store, cfg: RunConfig, key: str, pool: list[str]) -> dict:
+    items = store.rows("SELECT correct FROM items")
+    upd = store.rows("SELECT kept FROM updates")
+    sc = scores(store, key, pool)
+    hist = Counter(round(v * cfg.trials) for v in sc.values())
+    return {
+        "screened": len(items),
+        "base_accuracy": sum(r["correct"] for r in items) / max(len(items), 1),
+        "trained": len(upd),
+        "kept": sum(r["kept"] for r in upd),
+        "mean_score": sum(sc.values()) / max(len(sc), 1),
+        "histogram": {f"{k / cfg.trials:.2f}": hist.get(k, 0) for k in range(cfg.trials + 1)},
+    }
+
+
+def write_scores_csv(store, key: str, pool: list[str], path: Path) -> None:
+    """One row per kept update: its score and every feature recorded so far. Written atomically."""
+    sc = scores(store, key, pool)
+    rows = store.rows(
+        "SELECT i.id, i.relation, i.subj, i.obj, i.s_pop, i.gold_prob, i.gold_rank, i.gap, "
+        "u.post_gold_prob, u.post_gap, u.train_loss, u.passage_ppl, u.passage_tokens, u.fro_norm, u.top_sv "
+        "FROM items i JOIN updates u ON u.item_id = i.id WHERE u.kept = 1 ORDER BY i.id"
+    )
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        cols = ["id", "score", *[c for c in (rows[0] if rows else {}) if c != "id"]]
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            if r["id"] in sc:
+                w.writerow({**{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()},
+                            "score": f"{sc[r['id']]:.6g}"})
+    os.replace(tmp, path)
+
+
+def print_summary(s: dict, console: Console) -> None:
+    t = Table(title="mergeability run")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("items screened", str(s["screened"]))
+    t.add_row("base accuracy", f"{s['base_accuracy']:.1%}")
+    t.add_row("trained (base-wrong)", str(s["trained"]))
+    t.add_row("kept (flipped to correct)", f"{s['kept']} ({s['kept'] / max(s['trained'], 1):.0%})")
+    t.add_row("mean mergeability score", f"{s['mean_score']:.3f}")
+    for k, v in s["histogram"].items():
+        t.add_row(f"  score {k}", f"{v:3d} " + "█" * v)
+    for k, v in s.get("timings", {}).items():
+        t.add_row(f"time: {k}", f"{v:.1f} s")
+    console.print(t)

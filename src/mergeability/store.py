@@ -1,0 +1,87 @@
+"""The run's SQLite store: items, updates and every trial, each written in its own transaction.
+
+Keys are unique, so a resumed run can skip what is recorded and never records anything twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable
+
+from mergeability.errors import MergeabilityError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY, relation TEXT, subj TEXT, question TEXT, obj TEXT, s_pop REAL,
+    options TEXT, gold INTEGER, correct INTEGER, scores TEXT, gold_prob REAL, gold_rank INTEGER, gap REAL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    item_id TEXT PRIMARY KEY, path TEXT, kept INTEGER, train_loss REAL, passage_ppl REAL, passage_tokens INTEGER,
+    post_scores TEXT, post_gold_prob REAL, post_gap REAL, fro_norm REAL, top_sv REAL
+);
+CREATE TABLE IF NOT EXISTS trials (
+    target TEXT, trial INTEGER, method TEXT, params TEXT, partners TEXT, correct INTEGER, probs TEXT,
+    PRIMARY KEY (target, trial, method, params)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; we open transactions
+            self.db.row_factory = sqlite3.Row
+            self.db.executescript(_SCHEMA)
+            version = self.get_meta("schema_version")
+        except sqlite3.DatabaseError as e:
+            raise MergeabilityError(f"{self.path}: not a readable results store ({e})") from None
+        if version is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            raise MergeabilityError(
+                f"{self.path} was written with store schema {version}, this version reads {SCHEMA_VERSION}: "
+                "use a new --out directory"
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # meta: provenance and the resolved config
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def _insert(self, table: str, row: dict) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        values = [json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for v in row.values()]
+        with self.db:  # one transaction per row: a kill leaves either the row or nothing
+            self.db.execute("BEGIN")
+            self.db.execute(f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({marks})", values)
+
+    def add_item(self, row: dict) -> None:
+        self._insert("items", row)
+
+    def add_update(self, row: dict) -> None:
+        self._insert("updates", row)
+
+    def add_trial(self, row: dict) -> None:
+        self._insert("trials", row)
+
+    def ids(self, table: str, column: str = "id") -> set[str]:
+        return {r[0] for r in self.db.execute(f"SELECT {column} FROM {table}")}
+
+    def rows(self, sql: str, params: Iterable = ()) -> list[dict]:
+        return [dict(r) for r in self.db.execute(sql, tuple(params))]
+
+    def done_trials(self, method: str, params: str) -> set[tuple[str, int]]:
+        q = "SELECT target, trial FROM trials WHERE method = ? AND params = ?"
+        return {(r[0], r[1]) for r in self.db.execute(q, (method, params))}

@@ -1,0 +1,160 @@
+import json
+import sqlite3
+
+import pytest
+from rich.console import Console
+
+from conftest import word_facts
+from mergeability import MergeabilityError, load_update
+from mergeability.cli import main
+from mergeability.config import RunConfig
+from mergeability.pipelines import run_popqa
+from mergeability.store import Store
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "facts.jsonl"
+    rows = [dict(id=f.id, subj=f.subj, prop=f.prop, obj=f.obj, s_pop=f.s_pop, question=f.question,
+                 possible_answers=json.dumps(list(f.possible_answers)), passage=f.passage) for f in word_facts()]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def cfg_for(model_dir, dataset, **kw):
+    base = dict(model=str(model_dir), dataset=str(dataset), items=20, layer=1, rank=4, alpha=8, lr=0.05,
+                trials=3, partners=2, seed=0)
+    return RunConfig(**{**base, **kw})
+
+
+QUIET = Console(quiet=True)
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(monkeypatch, method, n):
+    orig = getattr(Store, method)
+    calls = {"n": 0}
+
+    def wrapped(self, row):
+        if calls["n"] >= n:
+            raise Killed
+        calls["n"] += 1
+        orig(self, row)
+
+    monkeypatch.setattr(Store, method, wrapped)
+    return calls
+
+
+def test_run_writes_store_scores_and_adapters(tiny_model_dir, dataset, tmp_path):
+    s = run_popqa(cfg_for(tiny_model_dir, dataset), tmp_path / "run", console=QUIET)
+    assert s["screened"] == 20 and s["kept"] > 2 and sum(s["histogram"].values()) == s["kept"]
+    db = sqlite3.connect(tmp_path / "run" / "results.sqlite")
+    n_trials, = db.execute("SELECT COUNT(*) FROM trials").fetchone()
+    assert n_trials == 3 * s["kept"]
+    row = db.execute("SELECT partners, probs, params FROM trials LIMIT 1").fetchone()
+    assert len(json.loads(row[0])) == 2 and abs(sum(json.loads(row[1])) - 1) < 1e-6 and "knots" in row[2]
+    lines = (tmp_path / "run" / "scores.csv").read_text().splitlines()
+    assert len(lines) == s["kept"] + 1 and lines[0].startswith("id,score,")
+    for p in (tmp_path / "run" / "updates").iterdir():
+        assert load_update(p).modules
+    prov = Store(tmp_path / "run" / "results.sqlite").get_meta("provenance")
+    assert prov["model"] == str(tiny_model_dir) and prov["seed"] == 0 and "version" in prov
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    cfg = cfg_for(tiny_model_dir, dataset)
+    run_popqa(cfg, tmp_path / "ref", console=QUIET)
+    out = tmp_path / "killed"
+    with monkeypatch.context() as m:  # killed in training …
+        kill_after(m, "add_update", 3)
+        with pytest.raises(Killed):
+            run_popqa(cfg, out, console=QUIET)
+    with monkeypatch.context() as m:  # … and again in the trials
+        kill_after(m, "add_trial", 4)
+        with pytest.raises(Killed):
+            run_popqa(cfg, out, resume=True, console=QUIET)
+    db = sqlite3.connect(out / "results.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 4
+    with monkeypatch.context() as m:
+        calls = kill_after(m, "add_trial", 10**9)
+        s = run_popqa(cfg, out, resume=True, console=QUIET)
+    assert calls["n"] == 3 * s["kept"] - 4  # no recorded trial was redone
+    assert (out / "scores.csv").read_bytes() == (tmp_path / "ref" / "scores.csv").read_bytes()
+    dup = db.execute("SELECT COUNT(*) FROM (SELECT target, trial FROM trials GROUP BY target, trial "
+                     "HAVING COUNT(*) > 1)").fetchone()[0]
+    assert dup == 0
+
+
+def test_existing_run_needs_resume(tiny_model_dir, dataset, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "x").write_text("1")
+    with pytest.raises(MergeabilityError, match="--resume"):
+        run_popqa(cfg_for(tiny_model_dir, dataset), out, console=QUIET)
+
+
+def run_cli(args, capsys):
+    import sys
+
+    old, sys.argv = sys.argv, ["mergeability", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("bert")
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(d)
+    return d
+
+
+BAD_RUNS = {
+    "unknown dataset": (["--dataset", "nowhere"], "unknown dataset"),
+    "unknown relation": (["--relations", "r0,planet"], "unknown relation 'planet'"),
+    "not a causal LM": (["--model", "BERT"], "not a causal LM"),
+    "layer out of range": (["--layer", "7"], "layer 7 is out of range"),
+    "partners > pool": (["--partners", "20"], "larger than the pool"),
+    "items 0": (["--items", "0"], "--items must be at least 1"),
+    "unknown method": (["--method", "soup"], "unknown merge method"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_run_bad_input(tiny_model_dir, dataset, bert_dir, tmp_path, capsys, case):
+    opts, match = BAD_RUNS[case]
+    opts = [str(bert_dir) if o == "BERT" else o for o in opts]
+    base = ["run", "popqa", "--model", tiny_model_dir, "--dataset", dataset, "--items", "20", "--partners", "2",
+            "--layer", "1", "--out", tmp_path / "run"]
+    code, err = run_cli([*base, *opts], capsys)
+    assert code == 2 and err.startswith("error:") and match in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_target_module(tiny_model_dir, dataset, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("targets: [mlp.nope]\n")
+    code, err = run_cli(["run", "popqa", "--model", tiny_model_dir, "--dataset", dataset, "--config", cfg,
+                         "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "no module" in err and not (tmp_path / "run").exists()
+
+
+def test_config_file_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("items: 3\nfoo: 1\nbar: 2\n")
+    code, err = run_cli(["run", "popqa", "--config", bad, "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "unknown keys bar, foo" in err
+    bad.write_text("items: [1,\n")
+    code, err = run_cli(["run", "popqa", "--config", bad, "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "invalid YAML at line" in err
