@@ -26,12 +26,21 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama saved as a local HF directory with a working tokenizer."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory):
+    """Still tiny, but wide enough (128 × 256 MLP) for merged updates of rank > 64."""
+    return save_tiny(tmp_path_factory.mktemp("wide-llama"), hidden_size=128, intermediate_size=256)
+
+
+def save_tiny(d, **kw):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    d = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(d)
+    LlamaForCausalLM(tiny_llama_config(**kw)).save_pretrained(d)
     vocab = {f"w{i}": i for i in range(124)} | {"<unk>": 124, "<s>": 125, "</s>": 126, "<pad>": 127}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -20,6 +20,9 @@ class RunConfig:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads; None = all cores
+    engine: str = "fast"  # fast (activation cache, batched low-rank rows) | plain (the obvious path, for checking)
+    batch_rows: int = 8  # (item, update) rows per engine forward pass
+    train_batch: int = 4  # passages trained together by the fast engine (1 = one at a time)
     # data
     dataset: str = "geo"  # geo | popqa | path to a .tsv/.jsonl/.parquet file in the PopQA schema
     relations: list[str] | None = None  # None = all relations of the dataset

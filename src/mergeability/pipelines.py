@@ -36,6 +36,7 @@ class Prepared:
     lm: object
     items: list
     modules: list[str]
+    scorer: object  # Engine or PlainScorer: .score([(item, update or None), ...]) -> [ItemScore]
 
 
 def prepare_popqa(cfg: RunConfig) -> Prepared:
@@ -50,6 +51,8 @@ def prepare_popqa(cfg: RunConfig) -> Prepared:
     if cfg.partners >= cfg.items:
         raise MergeabilityError(f"--partners {cfg.partners} is larger than the pool: at most {cfg.items - 1} "
                                 f"other updates can exist with --items {cfg.items}")
+    if cfg.engine not in ("fast", "plain"):
+        raise MergeabilityError(f"unknown engine {cfg.engine!r}: use fast or plain")
     if cfg.norm not in NORMS:
         raise MergeabilityError(f"unknown normalisation {cfg.norm!r}: use one of {', '.join(NORMS)}")
     from mergeability.merging import get_method
@@ -68,17 +71,24 @@ def prepare_popqa(cfg: RunConfig) -> Prepared:
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
     layer = num_layers(lm.model) // 2 if cfg.layer is None else cfg.layer
     modules = [module_name(lm.model, layer, t) for t in cfg.targets]
-    return Prepared(cfg, lm, items, modules)
+    if cfg.engine == "fast":
+        from mergeability.engine import Engine
+
+        scorer = Engine(lm.model, lm.tokenizer, modules, norm=cfg.norm, batch_rows=cfg.batch_rows)
+    else:
+        from mergeability.scoring import PlainScorer
+
+        scorer = PlainScorer(lm.model, lm.tokenizer, norm=cfg.norm)
+    return Prepared(cfg, lm, items, modules, scorer)
 
 
 def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
     """Screen → train → trials → scores.csv. Returns the summary."""
     from mergeability import __version__
     from mergeability.estimate import params_key, plan_trials, run_trials
-    from mergeability.scoring import score_item
     from mergeability.store import Store
-    from mergeability.training import TrainConfig, train_lora
-    from mergeability.updates import applied, load_update, save_update
+    from mergeability.training import TrainConfig, train_lora, train_loras
+    from mergeability.updates import load_update, save_update
 
     console = console or Console()
     out = Path(out)
@@ -88,7 +98,8 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     t0 = time.perf_counter()
     prep = prepare_popqa(cfg)  # all bad input is found here, before the run directory exists
     timings["load"] = time.perf_counter() - t0
-    lm, items, modules = prep.lm, prep.items, prep.modules
+    lm, items, modules, scorer = prep.lm, prep.items, prep.modules, prep.scorer
+    engine = scorer if cfg.engine == "fast" else None
     model, tok = lm.model, lm.tokenizer
     (out / "updates").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -103,42 +114,57 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
         t = time.perf_counter()
         done = store.ids("items")
         task = progress.add_task("screen", total=len(items), completed=len(done & set(by_id)))
-        for it in items:
-            if it.id in done:
+        for start in range(0, len(items), cfg.batch_rows):
+            chunk = items[start : start + cfg.batch_rows]
+            if all(it.id in done for it in chunk):
                 continue
-            s = score_item(model, tok, it, cfg.norm)
-            store.add_item(dict(id=it.id, relation=it.fact.prop, subj=it.fact.subj, question=it.fact.question,
-                                obj=it.fact.obj, s_pop=it.fact.s_pop, options=list(it.options), gold=it.gold,
-                                correct=int(s.correct), scores=list(s.scores), gold_prob=s.gold_prob,
-                                gold_rank=s.gold_rank, gap=s.gap))
-            progress.advance(task)
+            for it, s in zip(chunk, scorer.score([(it, None) for it in chunk])):
+                if it.id in done:
+                    continue
+                store.add_item(dict(id=it.id, relation=it.fact.prop, subj=it.fact.subj, question=it.fact.question,
+                                    obj=it.fact.obj, s_pop=it.fact.s_pop, options=list(it.options), gold=it.gold,
+                                    correct=int(s.correct), scores=list(s.scores), gold_prob=s.gold_prob,
+                                    gold_rank=s.gold_rank, gap=s.gap))
+                progress.advance(task)
         timings["screen"] = time.perf_counter() - t
 
         # 2. train one update per base-wrong item; keep it if it makes the item correct
         t = time.perf_counter()
-        wrong = [r["id"] for r in store.rows("SELECT id FROM items WHERE correct = 0") if r["id"] in by_id]
+        wrong_ids = {r["id"] for r in store.rows("SELECT id FROM items WHERE correct = 0")}
+        wrong = [it.id for it in items if it.id in wrong_ids]  # the run's item order, not the store's
         done = store.ids("updates", "item_id")
         task = progress.add_task("train", total=len(wrong), completed=len(done & set(wrong)))
         tcfg = TrainConfig(rank=cfg.rank, alpha=cfg.alpha, lr=cfg.lr, epochs=cfg.epochs)
-        for item_id in wrong:
-            if item_id in done:
-                continue
-            it = by_id[item_id]
+        for it in (by_id[i] for i in wrong):
             if not it.fact.passage:
-                raise MergeabilityError(f"item {item_id} has no training passage: add a 'passage' column")
-            ids = tok(it.fact.passage, return_tensors="pt").input_ids.to(cfg.device)
-            upd, stats = train_lora(model, ids, modules, tcfg, seed=cfg.seed, key=item_id, base_model=cfg.model)
-            with applied(model, upd):
-                s = score_item(model, tok, it, cfg.norm)
-            path = out / "updates" / _safe(item_id)
-            if s.correct:
-                save_update(upd, path, force=True)
-            store.add_update(dict(item_id=item_id, path=str(path.relative_to(out)) if s.correct else None,
-                                  kept=int(s.correct), train_loss=stats.loss, passage_ppl=stats.passage_ppl,
-                                  passage_tokens=stats.passage_tokens, post_scores=list(s.scores),
-                                  post_gold_prob=s.gold_prob, post_gap=s.gap, fro_norm=upd.fro_norm(),
-                                  top_sv=upd.top_singular_value()))
-            progress.advance(task)
+                raise MergeabilityError(f"item {it.id} has no training passage: add a 'passage' column")
+        # Batches have fixed members (chunks of the full list), so a resumed run trains a half-recorded
+        # batch exactly as the uninterrupted run did: results do not depend on where a run was killed.
+        step = cfg.train_batch if engine is not None else 1
+        for start in range(0, len(wrong), step):
+            chunk = [by_id[i] for i in wrong[start : start + step]]
+            if all(it.id in done for it in chunk):
+                continue
+            seqs = [tok(it.fact.passage, return_tensors="pt").input_ids.to(cfg.device) for it in chunk]
+            if engine is not None:
+                trained = train_loras(engine, seqs, [it.id for it in chunk], modules, tcfg, seed=cfg.seed,
+                                      base_model=cfg.model)
+            else:
+                trained = [train_lora(model, seqs[0], modules, tcfg, seed=cfg.seed, key=chunk[0].id,
+                                      base_model=cfg.model)]
+            post = scorer.score([(it, upd) for it, (upd, _) in zip(chunk, trained)])
+            for it, (upd, stats), s in zip(chunk, trained, post):
+                if it.id in done:
+                    continue
+                path = out / "updates" / _safe(it.id)
+                if s.correct:
+                    save_update(upd, path, force=True)
+                store.add_update(dict(item_id=it.id, path=str(path.relative_to(out)) if s.correct else None,
+                                      kept=int(s.correct), train_loss=stats.loss, passage_ppl=stats.passage_ppl,
+                                      passage_tokens=stats.passage_tokens, post_scores=list(s.scores),
+                                      post_gold_prob=s.gold_prob, post_gap=s.gap, fro_norm=upd.fro_norm(),
+                                      top_sv=upd.top_singular_value()))
+                progress.advance(task)
         timings["train"] = time.perf_counter() - t
 
         # 3. mergeability trials
@@ -155,16 +181,15 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
         done = store.done_trials(cfg.method, key)
         task = progress.add_task("trials", total=len(plan), completed=sum((p.target, p.trial) in done for p in plan))
 
-        def evaluate(target, merged):
-            with applied(model, merged):
-                return score_item(model, tok, by_id[target], cfg.norm)
+        def evaluate(trials, merged):
+            return scorer.score([(by_id[t.target], m) for t, m in zip(trials, merged)])
 
         def record(trial, s):
             store.add_trial(dict(target=trial.target, trial=trial.trial, method=cfg.method, params=key,
                                  partners=list(trial.partners), correct=int(s.correct), probs=s.probs))
             progress.advance(task)
 
-        run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done)
+        run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done, chunk=cfg.batch_rows)
         timings["trials"] = time.perf_counter() - t
 
     summary = summarize(store, cfg, key, pool)

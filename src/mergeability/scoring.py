@@ -1,8 +1,5 @@
-"""Multiple-choice log-likelihood scoring: option scores given the prompt, computed once per item.
-
-The prompt runs once; its key/value cache is repeated across the options, which run as one padded batch.
-Only the positions that predict option tokens go through the output head.
-"""
+"""Multiple-choice log-likelihood scoring: option scores, the quantities derived from them, and the plain
+(obvious) scorer. The fast scorer with the same interface is `engine.Engine`."""
 
 from __future__ import annotations
 
@@ -84,48 +81,48 @@ def normalise(total: Tensor, n_tokens: Tensor, n_chars: Tensor, norm: str) -> Te
 
 
 def option_logprobs(model, enc: Encoded) -> Tensor:
-    """Summed log p(option tokens | prompt) per option, via one prompt pass and one batched option pass."""
+    """Summed log p(option tokens | prompt) per option: the obvious computation, one full sequence per option
+    (prompt + option, right-padded into one batch). The engine computes the same thing far more cheaply."""
     device = next(model.parameters()).device
-    n = len(enc.options)
-    prompt = torch.tensor([enc.prompt], device=device)
-    out = model(prompt, use_cache=True, logits_to_keep=1)
-    first = out.logits[0, -1].float().log_softmax(-1)  # predicts every option's first token
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(n)
-    L = max(len(o) for o in enc.options)
-    ids = torch.zeros(n, L, dtype=torch.long, device=device)
-    mask = torch.zeros(n, L, dtype=torch.long, device=device)
+    P = len(enc.prompt)
+    n, L = len(enc.options), P + max(len(o) for o in enc.options)
+    ids = torch.zeros(n, L, dtype=torch.long)
+    mask = torch.zeros(n, L, dtype=torch.long)
     for i, o in enumerate(enc.options):
-        ids[i, : len(o)] = torch.tensor(o)
-        mask[i, : len(o)] = 1
-    total = first[ids[:, 0]]
-    if L > 1:
-        P = len(enc.prompt)
-        attn = torch.cat([torch.ones(n, P, dtype=torch.long, device=device), mask], 1)
-        pos = torch.arange(P, P + L, device=device).expand(n, L)
-        hidden = model.model(ids, attention_mask=attn, position_ids=pos, past_key_values=cache).last_hidden_state
-        # Only positions that predict a following option token reach the (large) output head.
-        rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
-        logp = model.lm_head(hidden[rows, cols]).float().log_softmax(-1)
-        tok_lp = logp.gather(-1, ids[rows, cols + 1][:, None])[:, 0]
-        total = total.index_add(0, rows, tok_lp)
+        ids[i, : P + len(o)] = torch.tensor(enc.prompt + o)
+        mask[i, : P + len(o)] = 1
+    logp = model(ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
+    total = torch.zeros(n, dtype=torch.float64)
+    for i, o in enumerate(enc.options):
+        pred = logp[i, P - 1 : P - 1 + len(o)]  # position t predicts token t + 1
+        total[i] = pred.gather(-1, torch.tensor(o)[:, None]).sum().double()
     return total
 
 
 @torch.no_grad()
 def score_item(model, tokenizer, item: MCItem, norm: str = "token") -> ItemScore:
+    """Score one item with the model as it is (the plain path)."""
     enc = encode(tokenizer, item)
     total = option_logprobs(model, enc)
-    n_tok = torch.tensor([len(o) for o in enc.options], dtype=total.dtype, device=total.device)
-    n_chr = torch.tensor(enc.option_chars, dtype=total.dtype, device=total.device)
-    s = normalise(total, n_tok, n_chr, norm)
-    return ItemScore(tuple(s.tolist()), item.gold)
+    n_tok = torch.tensor([len(o) for o in enc.options], dtype=total.dtype)
+    n_chr = torch.tensor(enc.option_chars, dtype=total.dtype)
+    return ItemScore(tuple(normalise(total, n_tok, n_chr, norm).tolist()), item.gold)
 
 
-def score_items(model, tokenizer, items: Sequence[MCItem], norm: str = "token", progress=None) -> list[ItemScore]:
-    out = []
-    for item in items:
-        out.append(score_item(model, tokenizer, item, norm))
-        if progress is not None:
-            progress()
-    return out
+class PlainScorer:
+    """The obvious path, for checking: the update merged into the weights, the full model, per option."""
+
+    def __init__(self, model, tokenizer, *, norm: str = "token"):
+        self.model, self.tokenizer, self.norm = model, tokenizer, norm
+
+    def score(self, requests: Sequence[tuple[MCItem, "Update | None"]]) -> list[ItemScore]:
+        from mergeability.updates import applied
+
+        out = []
+        for item, update in requests:
+            if update is None:
+                out.append(score_item(self.model, self.tokenizer, item, self.norm))
+            else:
+                with applied(self.model, update):
+                    out.append(score_item(self.model, self.tokenizer, item, self.norm))
+        return out

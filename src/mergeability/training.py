@@ -2,6 +2,11 @@
 
 LoRA is attached with forward hooks (out += scale · x Aᵀ Bᵀ), initialised as PEFT does (A Kaiming-uniform,
 B zero), and optimised with AdamW; the result is an `Update` that saves as a PEFT adapter directory.
+
+Two routes give the same updates (tested against PEFT): the plain one runs the full model every step; the
+cached one (`train_loras`, with an `Engine`) runs the frozen layers below the adapted one once per passage and
+trains several passages in one batch, each row with its own factors. AdamW is elementwise and the batch loss
+is the sum of per-row losses, so every row trains exactly as it would alone.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainStats:
-    loss: float  # training loss after the last step (mean token cross-entropy)
+    loss: float  # training loss at the last step (mean token cross-entropy)
     passage_ppl: float  # perplexity of the passage under the base model (step 0, B = 0)
     passage_tokens: int
 
@@ -45,10 +50,14 @@ def init_factors(shape: tuple[int, int], rank: int, seed: int, key: str) -> tupl
 
 @contextlib.contextmanager
 def lora_hooks(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], scale: float) -> Iterator[None]:
+    """Add scale · x Aᵀ Bᵀ to each module's output. Factors are (r, in)/(out, r), or batched per row
+    as (b, r, in)/(b, out, r)."""
     handles = []
 
     def hook(A, B):
-        return lambda mod, inp, out: out + scale * ((inp[0] @ A.T) @ B.T)
+        if A.dim() == 2:
+            return lambda mod, inp, out: out + scale * ((inp[0] @ A.T) @ B.T)
+        return lambda mod, inp, out: out + scale * torch.bmm(torch.bmm(inp[0], A.transpose(1, 2)), B.transpose(1, 2))
 
     for name, (A, B) in factors.items():
         handles.append(get_module(model, name).register_forward_hook(hook(A, B)))
@@ -57,6 +66,19 @@ def lora_hooks(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], scal
     finally:
         for h in handles:
             h.remove()
+
+
+def _adamw(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+
+def _result(factors, scale, cfg, seed, base_model, row=None) -> Update:
+    pick = (lambda t: t) if row is None else (lambda t: t[row])
+    return Update(
+        {n: LowRank(pick(A).detach().cpu().clone(), pick(B).detach().cpu().clone(), scale) for n, (A, B) in factors.items()},
+        base_model,
+        {"training": {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "epochs": cfg.epochs, "seed": seed}},
+    )
 
 
 def train_lora(
@@ -68,31 +90,82 @@ def train_lora(
     seed: int,
     key: str,
     base_model: str | None = None,
+    engine=None,
 ) -> tuple[Update, TrainStats]:
-    """Train one LoRA update on one token sequence (1 × T)."""
-    device = input_ids.device
+    """Train one LoRA update on one token sequence (1 × T): the cached route with an `engine`, else plain."""
+    if engine is not None:
+        return train_loras(engine, [input_ids], [key], modules, cfg, seed=seed, base_model=base_model)[0]
+    ids = input_ids[:, : cfg.max_tokens]
     factors = {}
     for name in modules:
-        lin = get_module(model, name)
-        A, B = init_factors(tuple(lin.weight.shape), cfg.rank, seed, f"{key}/{name}")
-        factors[name] = (A.to(device).requires_grad_(), B.to(device).requires_grad_())
-    params = [p for ab in factors.values() for p in ab]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        A, B = init_factors(tuple(get_module(model, name).weight.shape), cfg.rank, seed, f"{key}/{name}")
+        factors[name] = (A.to(ids.device).requires_grad_(), B.to(ids.device).requires_grad_())
+    opt = _adamw([p for ab in factors.values() for p in ab], cfg)
     scale = cfg.alpha / cfg.rank
-    ids = input_ids[:, : cfg.max_tokens]
-    first = last = float("nan")
+    losses = []
     with lora_hooks(model, factors, scale), torch.enable_grad():
-        for step in range(cfg.epochs):
+        for _ in range(cfg.epochs):
             loss = model(ids, labels=ids).loss
-            if step == 0:
-                first = loss.item()  # B = 0 at step 0: this is the base model's loss on the passage
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            last = loss.item()
-    update = Update(
-        {n: LowRank(A.detach().cpu(), B.detach().cpu(), scale) for n, (A, B) in factors.items()},
-        base_model,
-        {"training": {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "epochs": cfg.epochs, "seed": seed}},
-    )
-    return update, TrainStats(loss=last, passage_ppl=math.exp(first), passage_tokens=ids.shape[1])
+            losses.append(loss.item())
+    stats = TrainStats(loss=losses[-1], passage_ppl=math.exp(losses[0]), passage_tokens=ids.shape[1])
+    return _result(factors, scale, cfg, seed, base_model), stats
+
+
+def train_loras(
+    engine,
+    sequences: Sequence[Tensor],
+    keys: Sequence[str],
+    modules: Sequence[str],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    base_model: str | None = None,
+) -> list[tuple[Update, TrainStats]]:
+    """Train one LoRA per sequence, all in one batch, from the engine's cached lower layers."""
+    from mergeability.engine import attention_bias
+
+    model, dev = engine.model, engine.device
+    seqs = [s[0, : cfg.max_tokens] for s in sequences]
+    n, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.zeros(n, T, dtype=torch.long)
+    labels = torch.full((n, T), -100, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = s
+        labels[b, : len(s)] = s
+    ids, labels = ids.to(dev), labels.to(dev)
+    pos = torch.arange(T, device=dev).expand(n, T)
+    # One causal sequence per row; None lets attention use its fused causal kernel when nothing is padded.
+    bias = None if all(len(s) == T for s in seqs) else attention_bias(
+        [torch.full((len(s),), -1) for s in seqs], T, engine.dtype).to(dev)
+    with torch.no_grad():
+        h = engine.lower(ids, pos, bias)  # the frozen part of every step, once
+
+    factors = {}
+    for name in modules:
+        shape = tuple(get_module(model, name).weight.shape)
+        init = [init_factors(shape, cfg.rank, seed, f"{k}/{name}") for k in keys]
+        factors[name] = (torch.stack([a for a, _ in init]).to(dev).requires_grad_(),
+                         torch.stack([b for _, b in init]).to(dev).requires_grad_())
+    opt = _adamw([p for ab in factors.values() for p in ab], cfg)
+    scale = cfg.alpha / cfg.rank
+    n_tok = (labels[:, 1:] != -100).sum(1)
+    history = []
+    with lora_hooks(model, factors, scale), torch.enable_grad():
+        for _ in range(cfg.epochs):
+            logits = model.lm_head(engine.upper(h, pos, bias)).float()
+            V = logits.shape[-1]
+            tok = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                              reduction="none").view(n, T - 1)
+            per_row = tok.sum(1) / n_tok  # each row's mean loss: its gradient is what it would be alone
+            opt.zero_grad(set_to_none=True)
+            per_row.sum().backward()
+            opt.step()
+            history.append(per_row.detach().cpu())
+    return [
+        (_result(factors, scale, cfg, seed, base_model, row=b),
+         TrainStats(loss=history[-1][b].item(), passage_ppl=math.exp(history[0][b].item()), passage_tokens=len(seqs[b])))
+        for b in range(n)
+    ]

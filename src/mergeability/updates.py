@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -46,6 +47,11 @@ class LowRank:
 
     def delta(self) -> Tensor:
         return self.scale * (self.B @ self.A)
+
+    @functools.cached_property
+    def qr_At(self) -> tuple[Tensor, Tensor]:
+        """Thin QR of Aᵀ, computed once per factor: KnOTS needs it every time this update is merged."""
+        return torch.linalg.qr(self.A.T)
 
     def singular_values(self) -> Tensor:
         """Singular values of ΔW from two thin QRs and an r×r SVD, never forming the out×in matrix."""

@@ -25,11 +25,11 @@ from mergeability.merging.ties import check_sparsify, disjoint_merge, sparsify
 from mergeability.updates import LowRank, Update
 
 
-def shared_basis(factors: list[LowRank], rtol: float) -> tuple[Tensor, list[Tensor]]:
-    """U (out × K) and the blocks R_i = Σ V_iᵀ (K × in) of the concatenation of the factors' ΔW."""
-    B_cat = torch.cat([f.scale * f.B for f in factors], 1)
+def shared_basis(factors: list[LowRank], weights: list[float], rtol: float) -> tuple[Tensor, list[Tensor]]:
+    """U (out × K) and the blocks R_i = Σ V_iᵀ (K × in) of [w_1 ΔW_1 | … | w_n ΔW_n]."""
+    B_cat = torch.cat([(w * f.scale) * f.B for f, w in zip(factors, weights)], 1)
     Q, R = torch.linalg.qr(B_cat)
-    qa = [torch.linalg.qr(f.A.T) for f in factors]  # A_iᵀ = Q_i P_i
+    qa = [f.qr_At for f in factors]  # A_iᵀ = Q_i P_i, cached on the factor
     blocks, start = [], 0
     for f, (_, P) in zip(factors, qa):
         blocks.append(R[:, start : start + f.rank] @ P.T)
@@ -78,9 +78,9 @@ class Knots:
         for name in names:
             idx = [i for i, u in enumerate(updates) if name in u.modules]
             # The weights scale each update before the SVD, so trimming and sign election see them.
-            fs = [updates[i].modules[name].to(dtype) for i in idx]
-            fs = [LowRank(f.A, f.B, f.scale * w[i]) for f, i in zip(fs, idx)]
-            bases[name], Rs = shared_basis(fs, self.rtol)
+            fs = [updates[i].modules[name] for i in idx]
+            fs = [f if f.dtype == dtype else f.to(dtype) for f in fs]  # keeps the cached QR when it can
+            bases[name], Rs = shared_basis(fs, [w[i] for i in idx], self.rtol)
             for i, R_i in zip(idx, Rs):
                 aligned[i][name] = R_i
         if self.inner == "mean":

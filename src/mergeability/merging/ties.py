@@ -24,9 +24,16 @@ def check_sparsify(density: float, dare: float | None) -> None:
 
 
 def magnitude_threshold(x: Tensor, density: float) -> Tensor:
-    """The k-th largest |x| with k = max(1, round(density · numel)); kthvalue, not a full sort."""
-    a = x.abs().flatten()
+    """The k-th largest |x| with k = max(1, round(density · numel)): a selection, not a full sort.
+
+    On the CPU, NumPy's introselect is ~8× faster than torch.kthvalue for the sizes KnOTS produces.
+    """
+    a = x.detach().abs().flatten()
     k = max(1, round(density * a.numel()))
+    if a.device.type == "cpu":
+        import numpy as np
+
+        return torch.tensor(np.partition(a.numpy(), a.numel() - k)[a.numel() - k], dtype=a.dtype)
     return torch.kthvalue(a, a.numel() - k + 1).values
 
 
@@ -59,13 +66,13 @@ def disjoint_merge(trimmed: list[Blocks], weights: Sequence[float]) -> Blocks:
     merged = {}
     for name in sorted({n for blk in trimmed for n in blk}):
         present = [(w, blk[name]) for w, blk in zip(weights, trimmed) if name in blk]
-        sign = torch.sign(sum(t for _, t in present))
-        num = torch.zeros_like(present[0][1])
-        den = torch.zeros_like(num)
-        for w, t in present:
-            agree = (torch.sign(t) == sign) & (t != 0)
-            num += torch.where(agree, t, 0.0)
-            den += agree * w
+        X = torch.stack([t for _, t in present])  # (n, out, in)
+        w = torch.tensor([w for w, _ in present], dtype=X.dtype).view(-1, *[1] * (X.dim() - 1))
+        signs = torch.sign(X)
+        agree = signs == torch.sign(X.sum(0))  # entries trimmed to 0 have sign 0 and never agree
+        agree &= signs != 0
+        num = (X * agree).sum(0)
+        den = (w * agree).sum(0)
         merged[name] = torch.where(den > 0, num / den.clamp_min(torch.finfo(num.dtype).tiny), 0.0)
     return merged
 

@@ -1,0 +1,116 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import random_update, word_facts
+from mergeability import merge
+from mergeability.data import build_items
+from mergeability.engine import Engine, attention_bias, pack
+from mergeability.models import load_model
+from mergeability.scoring import PlainScorer
+from mergeability.training import TrainConfig, init_factors, train_lora
+
+UP1, Q1, UP0 = "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.up_proj"
+SHAPES = {UP1: (256, 128), Q1: (128, 128), UP0: (256, 128)}
+
+
+@pytest.fixture(scope="module")
+def lm(wide_model_dir):
+    return load_model(str(wide_model_dir))
+
+
+def updates_for(mods, n=6, rank=16):
+    ups = [random_update({m: SHAPES[m] for m in mods}, rank, scale=0.05, seed=i, dtype=torch.float32) for i in range(n)]
+    knots = merge(ups, "knots", inner="mean")  # rank 6 × 16 = 96 > 64
+    assert all(m.rank > 64 for m in knots.modules.values())
+    return [None, ups[0], ups[1], knots, merge(ups, "knots"), merge(ups, "ties")]
+
+
+@pytest.mark.parametrize("mods", [[UP1], [UP1, Q1], [UP0, UP1]], ids=["layer1-up", "layer1-up+q", "from-layer0"])
+@pytest.mark.parametrize("norm", ["token", "char"])
+def test_engine_matches_plain_path(lm, mods, norm):
+    items = build_items(word_facts(), seed=0)[:5]
+    reqs = [(it, u) for it in items for u in updates_for(mods)]
+    eng = Engine(lm.model, lm.tokenizer, mods, norm=norm, batch_rows=7)  # batches mix items and updates
+    assert eng.first == min(int(m.split(".")[2]) for m in mods)
+    fast = eng.score(reqs)
+    plain = PlainScorer(lm.model, lm.tokenizer, norm=norm).score(reqs)
+    for (it, u), f, p in zip(reqs, fast, plain):
+        assert max(abs(a - b) for a, b in zip(f.scores, p.scores)) < 1e-4
+        assert f.pred == p.pred
+
+
+def test_engine_refuses_updates_below_its_cache(lm):
+    from mergeability import MergeabilityError
+
+    eng = Engine(lm.model, lm.tokenizer, [UP1])
+    item = build_items(word_facts(), seed=0)[0]
+    with pytest.raises(MergeabilityError, match="outside the engine's modules"):
+        eng.score([(item, random_update({UP0: SHAPES[UP0]}, 2, dtype=torch.float32))])
+
+
+def test_packed_mask_isolates_options(lm):
+    item = build_items(word_facts(), seed=0)[0]
+    p = pack(lm.tokenizer, item)
+    bias = attention_bias([p.seg], len(p.ids) + 2, torch.float32)[0, 0]
+    P = int((p.seg == -1).sum())
+    seg = torch.cat([p.seg, torch.tensor([-2, -2])])
+    for q in range(len(seg)):
+        for k in range(len(seg)):
+            visible = bias[q, k] == 0
+            if q >= len(p.seg) or k >= len(p.seg):
+                assert visible == (q == k)  # padding sees itself only
+            else:
+                assert visible == (k <= q and (k < P or seg[k] == seg[q]))
+
+
+def _peft_train(model, ids, module, cfg, A0):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                          target_modules=[module]))
+    lora = pm.base_model.model.get_submodule(module)
+    with torch.no_grad():
+        lora.lora_A["default"].weight.copy_(A0)
+        lora.lora_B["default"].weight.zero_()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    for _ in range(cfg.epochs):
+        loss = pm(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lora.scaling["default"] * lora.lora_B["default"].weight.detach() @ lora.lora_A["default"].weight.detach()
+
+
+def test_cached_training_matches_peft_training(lm):
+    cfg = TrainConfig(rank=8, alpha=16, lr=4e-3, epochs=10)
+    ids = lm.tokenizer(word_facts()[3].passage, return_tensors="pt").input_ids
+    A0, _ = init_factors(SHAPES[UP1], cfg.rank, 0, f"k/{UP1}")
+    ref = _peft_train(lm.model, ids, UP1, cfg, A0)
+    eng = Engine(lm.model, lm.tokenizer, [UP1])
+    for engine in (eng, None):
+        upd, stats = train_lora(lm.model, ids, [UP1], cfg, seed=0, key="k", engine=engine)
+        got = upd.delta(UP1)
+        assert ref.norm() > 0
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    assert stats.passage_tokens == ids.shape[1] and stats.passage_ppl > 1
+
+
+def test_batched_training_matches_one_at_a_time_and_peft(lm):
+    from mergeability.training import train_loras
+
+    cfg = TrainConfig(rank=8, alpha=16, lr=4e-3, epochs=10)
+    facts = word_facts()[:3]
+    seqs = [lm.tokenizer(f.passage, return_tensors="pt").input_ids[:, : 10 + 4 * i] for i, f in enumerate(facts)]
+    assert len({s.shape[1] for s in seqs}) == 3  # different lengths: the batch is padded
+    eng = Engine(lm.model, lm.tokenizer, [UP1])
+    batched = train_loras(eng, seqs, [f.id for f in facts], [UP1], cfg, seed=0)
+    for f, ids, (upd, stats) in zip(facts, seqs, batched):
+        A0, _ = init_factors(SHAPES[UP1], cfg.rank, 0, f"{f.id}/{UP1}")
+        ref = _peft_train(lm.model, ids, UP1, cfg, A0)
+        assert ((upd.delta(UP1) - ref).norm() / ref.norm()).item() < 1e-4
+        alone, alone_stats = train_lora(lm.model, ids, [UP1], cfg, seed=0, key=f.id)
+        assert abs(stats.passage_ppl - alone_stats.passage_ppl) < 1e-3 * alone_stats.passage_ppl
+        assert stats.passage_tokens == ids.shape[1]
