@@ -11,3 +11,5 @@ test: venv
 
 bench: venv
 	.venv/bin/python benchmarks/bench_merge.py
+	.venv/bin/python benchmarks/bench_trials.py
+	.venv/bin/python benchmarks/bench_train.py

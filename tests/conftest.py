@@ -73,5 +73,23 @@ def word_facts(n=20, seed=0, n_rel=2):
         obj = " ".join(f"w{rng.randrange(60, 124)}" for _ in range(1 + i % 3))
         subj = f"w{i}"
         facts.append(Fact(f"f{i}", subj, rel, obj, float(100 + i), f"w{40 + i % n_rel} {subj} w50", (obj,),
-                          f"{subj} w51 {obj} . {subj} w52 {obj} . w{40 + i % n_rel} {subj} w50 {obj}"))
+                          f"{subj} w51 {obj} .\n{subj} w52 {obj} w53 .\nw{40 + i % n_rel} {subj} w50 {obj}"))
     return facts
+
+
+def run_cli(args, capsys):
+    """Run the real entry point in-process: (exit code, stdout, stderr)."""
+    import sys
+
+    from mergeability.cli import main
+
+    old, sys.argv = sys.argv, ["mergeability", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -4,25 +4,10 @@ import sys
 import pytest
 import torch
 
-from conftest import random_update
+from conftest import random_update, run_cli
 from mergeability import load_update, merge, save_update
-from mergeability.cli import main
 
 MOD = "model.layers.0.mlp.up_proj"
-
-
-def run_cli(args, capsys):
-    old = sys.argv
-    sys.argv = ["mergeability", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

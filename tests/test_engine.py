@@ -9,7 +9,7 @@ from mergeability.data import build_items
 from mergeability.engine import Engine, attention_bias, pack
 from mergeability.models import load_model
 from mergeability.scoring import PlainScorer
-from mergeability.training import TrainConfig, init_factors, train_lora
+from mergeability.training import TrainConfig, init_factors, split_passage, train_lora
 
 UP1, Q1, UP0 = "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.up_proj"
 SHAPES = {UP1: (256, 128), Q1: (128, 128), UP0: (256, 128)}
@@ -65,7 +65,8 @@ def test_packed_mask_isolates_options(lm):
                 assert visible == (k <= q and (k < P or seg[k] == seg[q]))
 
 
-def _peft_train(model, ids, module, cfg, A0):
+def _peft_train(model, seqs, module, cfg, A0):
+    """PEFT on the full model, the textbook loop: each epoch one step per sequence."""
     from peft import LoraConfig, get_peft_model
 
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
@@ -77,25 +78,32 @@ def _peft_train(model, ids, module, cfg, A0):
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     for _ in range(cfg.epochs):
-        loss = pm(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        for ids in seqs:
+            loss = pm(ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return lora.scaling["default"] * lora.lora_B["default"].weight.detach() @ lora.lora_A["default"].weight.detach()
+
+
+def test_split_passage(lm):
+    seqs = split_passage(lm.tokenizer, "w1 w2 w3\n\nw4 w5 w6 w7 w8\nw9", max_tokens=3)
+    assert [s.tolist()[0] for s in seqs] == [[1, 2, 3], [4, 5, 6], [7, 8]]  # 'w9' alone: nothing to predict
 
 
 def test_cached_training_matches_peft_training(lm):
     cfg = TrainConfig(rank=8, alpha=16, lr=4e-3, epochs=10)
-    ids = lm.tokenizer(word_facts()[3].passage, return_tensors="pt").input_ids
+    seqs = split_passage(lm.tokenizer, word_facts()[3].passage, cfg.max_tokens)
+    assert len(seqs) == 3
     A0, _ = init_factors(SHAPES[UP1], cfg.rank, 0, f"k/{UP1}")
-    ref = _peft_train(lm.model, ids, UP1, cfg, A0)
+    ref = _peft_train(lm.model, seqs, UP1, cfg, A0)
     eng = Engine(lm.model, lm.tokenizer, [UP1])
     for engine in (eng, None):
-        upd, stats = train_lora(lm.model, ids, [UP1], cfg, seed=0, key="k", engine=engine)
+        upd, stats = train_lora(lm.model, seqs, [UP1], cfg, seed=0, key="k", engine=engine)
         got = upd.delta(UP1)
         assert ref.norm() > 0
         assert ((got - ref).norm() / ref.norm()).item() < 1e-4
-    assert stats.passage_tokens == ids.shape[1] and stats.passage_ppl > 1
+    assert stats.passage_tokens == sum(s.shape[1] for s in seqs) and stats.passage_ppl > 1
 
 
 def test_batched_training_matches_one_at_a_time_and_peft(lm):
@@ -103,14 +111,14 @@ def test_batched_training_matches_one_at_a_time_and_peft(lm):
 
     cfg = TrainConfig(rank=8, alpha=16, lr=4e-3, epochs=10)
     facts = word_facts()[:3]
-    seqs = [lm.tokenizer(f.passage, return_tensors="pt").input_ids[:, : 10 + 4 * i] for i, f in enumerate(facts)]
-    assert len({s.shape[1] for s in seqs}) == 3  # different lengths: the batch is padded
+    passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens) for f in facts]
+    assert len({p[0].shape[1] for p in passages}) > 1  # different lengths: the batch is padded
     eng = Engine(lm.model, lm.tokenizer, [UP1])
-    batched = train_loras(eng, seqs, [f.id for f in facts], [UP1], cfg, seed=0)
-    for f, ids, (upd, stats) in zip(facts, seqs, batched):
+    batched = train_loras(eng, passages, [f.id for f in facts], [UP1], cfg, seed=0)
+    for f, seqs, (upd, stats) in zip(facts, passages, batched):
         A0, _ = init_factors(SHAPES[UP1], cfg.rank, 0, f"{f.id}/{UP1}")
-        ref = _peft_train(lm.model, ids, UP1, cfg, A0)
+        ref = _peft_train(lm.model, seqs, UP1, cfg, A0)
         assert ((upd.delta(UP1) - ref).norm() / ref.norm()).item() < 1e-4
-        alone, alone_stats = train_lora(lm.model, ids, [UP1], cfg, seed=0, key=f.id)
-        assert abs(stats.passage_ppl - alone_stats.passage_ppl) < 1e-3 * alone_stats.passage_ppl
-        assert stats.passage_tokens == ids.shape[1]
+        alone, alone_stats = train_lora(lm.model, seqs, [UP1], cfg, seed=0, key=f.id)
+        assert abs(stats.passage_ppl - alone_stats.passage_ppl) < 1e-4 * alone_stats.passage_ppl
+        assert abs(stats.loss - alone_stats.loss) < 1e-3 * alone_stats.loss

@@ -4,9 +4,8 @@ import sqlite3
 import pytest
 from rich.console import Console
 
-from conftest import word_facts
+from conftest import run_cli, word_facts
 from mergeability import MergeabilityError, load_update
-from mergeability.cli import main
 from mergeability.config import RunConfig
 from mergeability.pipelines import run_popqa
 from mergeability.store import Store
@@ -96,20 +95,6 @@ def test_existing_run_needs_resume(tiny_model_dir, dataset, tmp_path):
         run_popqa(cfg_for(tiny_model_dir, dataset), out, console=QUIET)
 
 
-def run_cli(args, capsys):
-    import sys
-
-    old, sys.argv = sys.argv, ["mergeability", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     from transformers import BertConfig, BertModel
@@ -137,7 +122,7 @@ def test_run_bad_input(tiny_model_dir, dataset, bert_dir, tmp_path, capsys, case
     opts = [str(bert_dir) if o == "BERT" else o for o in opts]
     base = ["run", "popqa", "--model", tiny_model_dir, "--dataset", dataset, "--items", "20", "--partners", "2",
             "--layer", "1", "--out", tmp_path / "run"]
-    code, err = run_cli([*base, *opts], capsys)
+    code, _, err = run_cli([*base, *opts], capsys)
     assert code == 2 and err.startswith("error:") and match in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
 
@@ -145,7 +130,7 @@ def test_run_bad_input(tiny_model_dir, dataset, bert_dir, tmp_path, capsys, case
 def test_missing_target_module(tiny_model_dir, dataset, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("targets: [mlp.nope]\n")
-    code, err = run_cli(["run", "popqa", "--model", tiny_model_dir, "--dataset", dataset, "--config", cfg,
+    code, _, err = run_cli(["run", "popqa", "--model", tiny_model_dir, "--dataset", dataset, "--config", cfg,
                          "--out", tmp_path / "run"], capsys)
     assert code == 2 and "no module" in err and not (tmp_path / "run").exists()
 
@@ -153,8 +138,38 @@ def test_missing_target_module(tiny_model_dir, dataset, tmp_path, capsys):
 def test_config_file_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("items: 3\nfoo: 1\nbar: 2\n")
-    code, err = run_cli(["run", "popqa", "--config", bad, "--out", tmp_path / "r"], capsys)
+    code, _, err = run_cli(["run", "popqa", "--config", bad, "--out", tmp_path / "r"], capsys)
     assert code == 2 and "unknown keys bar, foo" in err
     bad.write_text("items: [1,\n")
-    code, err = run_cli(["run", "popqa", "--config", bad, "--out", tmp_path / "r"], capsys)
+    code, _, err = run_cli(["run", "popqa", "--config", bad, "--out", tmp_path / "r"], capsys)
     assert code == 2 and "invalid YAML at line" in err
+
+
+def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    from mergeability.experiments import run_experiment
+    from mergeability.report.build import build_report
+
+    cfg = cfg_for(tiny_model_dir, dataset)
+    run = tmp_path / "run"
+    s = run_popqa(cfg, run, console=QUIET)
+    with monkeypatch.context() as m:
+        kill_after(m, "add_trial", 5)
+        with pytest.raises(Killed):
+            run_experiment("algorithms", run, QUIET)
+    with monkeypatch.context() as m:
+        calls = kill_after(m, "add_trial", 10**9)
+        run_experiment("algorithms", run, QUIET)
+        assert calls["n"] == 2 * 3 * s["kept"] - 5  # ties and mean, M trials each; nothing redone
+        run_experiment("robustness", run, QUIET)
+        assert calls["n"] == 2 * 3 * s["kept"] - 5 + 2 * 3 * s["kept"]  # 3 more trials each, and N/2
+        run_experiment("algorithms", run, QUIET)  # all recorded: no new work
+        assert calls["n"] == 4 * 3 * s["kept"] - 5
+    html, claims = build_report(run)
+    by = {c.claim: c for c in claims}
+    for claim in ("Scores agree across merge methods (A.9)", "Scores agree across M and N (A.3)",
+                  "Weaker merge methods put more updates at score 1.0 (§5.2)"):
+        assert "mergeability experiment" not in by[claim].evidence
+    text = html.read_text()
+    assert "Score distribution by merge method" in text and "Robustness of scores to M and N" in text
+    with pytest.raises(MergeabilityError, match="unknown experiment"):
+        run_experiment("nope", run, QUIET)

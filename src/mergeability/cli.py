@@ -108,6 +108,7 @@ def run_popqa_cmd(
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="fast (default) | plain: the obvious path, for checking.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")] = False,
 ) -> None:
     """Example-level mergeability (paper §2, §3.1): screen, train one LoRA per wrong item, score by merging."""
@@ -118,7 +119,7 @@ def run_popqa_cmd(
         config = out / "config.yaml"
     cfg = load_config(config, preset).replace(
         model=model, dataset=dataset, items=items, trials=trials, partners=partners, method=method, layer=layer,
-        rank=rank, device=device, dtype=dtype, seed=seed,
+        rank=rank, device=device, dtype=dtype, seed=seed, engine=engine,
         relations=[r.strip() for r in relations.split(",") if r.strip()] if relations else None,
     )
     run_popqa(cfg, out, resume=resume, console=console)
@@ -133,9 +134,41 @@ def demo(
     from mergeability.config import load_config
     from mergeability.pipelines import run_popqa
 
+    from mergeability.report.build import build_report
+
     cfg = load_config(None, "demo")
     run_popqa(cfg, out, resume=True, console=console)
-    console.print(f"wrote {out / 'scores.csv'} and {out / 'results.sqlite'}")
+    html_path, _ = build_report(out)
+    console.print(f"wrote {out / 'scores.csv'}, {out / 'results.sqlite'} and the report {html_path}")
+
+
+@app.command()
+def experiment(
+    name: Annotated[str, typer.Argument(help="algorithms | robustness")],
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+) -> None:
+    """Run one of the paper's follow-up experiments on a run's updates (resumable), then refresh its report."""
+    from mergeability.experiments import run_experiment
+    from mergeability.report.build import build_report
+
+    run_experiment(name, run_dir, console)
+    html_path, _ = build_report(run_dir)
+    console.print(f"experiment {name} recorded in {run_dir / 'results.sqlite'}; report refreshed: {html_path}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A finished (or partly finished) run directory.")]) -> None:
+    """Write report.html (self-contained) and report.md with figures, tables and the claims table."""
+    from mergeability.report.build import build_report
+
+    html_path, claims = build_report(run_dir)
+    table = Table(title="claims")
+    for col in ("claim", "measured", "verdict"):
+        table.add_column(col)
+    for c in claims:
+        table.add_row(c.claim, c.measured, c.verdict)
+    console.print(table)
+    console.print(f"wrote {html_path} and {html_path.with_suffix('.md')}")
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ class RunConfig:
 
 PRESETS: dict[str, dict] = {
     # bundled model and data, sized for a 2-core CPU
-    "demo": dict(items=180, trials=5, partners=10),
+    "demo": dict(items=120, trials=5, partners=10),
     "paper-llama": dict(model="meta-llama/Llama-3.2-3B", dataset="popqa", layer=14, items=1000, device="cuda",
                         dtype="bfloat16"),
     "paper-qwen": dict(model="Qwen/Qwen2.5-3B", dataset="popqa", layer=18, items=1000, device="cuda",

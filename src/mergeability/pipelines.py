@@ -87,7 +87,7 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     from mergeability import __version__
     from mergeability.estimate import params_key, plan_trials, run_trials
     from mergeability.store import Store
-    from mergeability.training import TrainConfig, train_lora, train_loras
+    from mergeability.training import TrainConfig, split_passage, train_lora, train_loras
     from mergeability.updates import load_update, save_update
 
     console = console or Console()
@@ -138,19 +138,31 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
         for it in (by_id[i] for i in wrong):
             if not it.fact.passage:
                 raise MergeabilityError(f"item {it.id} has no training passage: add a 'passage' column")
-        # Batches have fixed members (chunks of the full list), so a resumed run trains a half-recorded
-        # batch exactly as the uninterrupted run did: results do not depend on where a run was killed.
+        # Batches have fixed members (passages with equal numbers of sequences, in run order), so a resumed
+        # run trains a half-recorded batch exactly as the uninterrupted run did.
+        seqs = {i: split_passage(tok, by_id[i].fact.passage, tcfg.max_tokens) for i in wrong}
+        for i, sq in seqs.items():
+            if not sq:
+                raise MergeabilityError(f"item {i}: its passage has no line of two or more tokens to train on")
+        order = sorted(wrong, key=lambda i: len(seqs[i]))  # stable: run order within equal lengths
         step = cfg.train_batch if engine is not None else 1
-        for start in range(0, len(wrong), step):
-            chunk = [by_id[i] for i in wrong[start : start + step]]
+        batches, cur = [], []
+        for i in order:
+            if cur and (len(cur) == step or len(seqs[cur[0]]) != len(seqs[i])):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches += [cur] if cur else []
+        for batch in batches:
+            chunk = [by_id[i] for i in batch]
             if all(it.id in done for it in chunk):
                 continue
-            seqs = [tok(it.fact.passage, return_tensors="pt").input_ids.to(cfg.device) for it in chunk]
+            passages = [[s.to(cfg.device) for s in seqs[it.id]] for it in chunk]
             if engine is not None:
-                trained = train_loras(engine, seqs, [it.id for it in chunk], modules, tcfg, seed=cfg.seed,
+                trained = train_loras(engine, passages, [it.id for it in chunk], modules, tcfg, seed=cfg.seed,
                                       base_model=cfg.model)
             else:
-                trained = [train_lora(model, seqs[0], modules, tcfg, seed=cfg.seed, key=chunk[0].id,
+                trained = [train_lora(model, passages[0], modules, tcfg, seed=cfg.seed, key=chunk[0].id,
                                       base_model=cfg.model)]
             post = scorer.score([(it, upd) for it, (upd, _) in zip(chunk, trained)])
             for it, (upd, stats), s in zip(chunk, trained, post):

@@ -3,6 +3,9 @@
 LoRA is attached with forward hooks (out += scale · x Aᵀ Bᵀ), initialised as PEFT does (A Kaiming-uniform,
 B zero), and optimised with AdamW; the result is an `Update` that saves as a PEFT adapter directory.
 
+A passage is trained as a list of sequences: one per line, each cut into windows of `max_tokens`. An epoch
+is one optimizer step per sequence, in order (batch size 1, as a plain fine-tuning loop over documents).
+
 Two routes give the same updates (tested against PEFT): the plain one runs the full model every step; the
 cached one (`train_loras`, with an `Engine`) runs the frozen layers below the adapted one once per passage and
 trains several passages in one batch, each row with its own factors. AdamW is elementwise and the batch loss
@@ -29,15 +32,25 @@ class TrainConfig:
     rank: int = 64  # LoRA r (paper Table A.3)
     alpha: float = 128.0  # LoRA alpha: scale = alpha / r
     lr: float = 4e-3  # AdamW learning rate, no weight decay
-    epochs: int = 10  # passes over the passage (one step each: a passage is one sequence)
-    max_tokens: int = 256  # passages are truncated to this many tokens
+    epochs: int = 10  # passes over the passage; one AdamW step per sequence (line) of the passage
+    max_tokens: int = 256  # longer lines are cut into windows of this many tokens
 
 
 @dataclass(frozen=True)
 class TrainStats:
-    loss: float  # training loss at the last step (mean token cross-entropy)
-    passage_ppl: float  # perplexity of the passage under the base model (step 0, B = 0)
+    loss: float  # mean token cross-entropy over the last epoch
+    passage_ppl: float  # perplexity of the passage under the base model
     passage_tokens: int
+
+
+def split_passage(tokenizer, passage: str, max_tokens: int) -> list[Tensor]:
+    """The training sequences (1 × T each) of a passage: its non-empty lines, cut into windows."""
+    out = []
+    for line in passage.splitlines():
+        if line.strip():
+            ids = tokenizer(line.strip(), return_tensors="pt").input_ids
+            out += [ids[:, s : s + max_tokens] for s in range(0, ids.shape[1], max_tokens) if ids.shape[1] - s > 1]
+    return out
 
 
 def init_factors(shape: tuple[int, int], rank: int, seed: int, key: str) -> tuple[Tensor, Tensor]:
@@ -83,7 +96,7 @@ def _result(factors, scale, cfg, seed, base_model, row=None) -> Update:
 
 def train_lora(
     model: nn.Module,
-    input_ids: Tensor,
+    sequences: Sequence[Tensor],
     modules: Sequence[str],
     cfg: TrainConfig,
     *,
@@ -92,31 +105,36 @@ def train_lora(
     base_model: str | None = None,
     engine=None,
 ) -> tuple[Update, TrainStats]:
-    """Train one LoRA update on one token sequence (1 × T): the cached route with an `engine`, else plain."""
+    """Train one LoRA update on a passage's sequences (each 1 × T): the cached route with an engine, else plain."""
     if engine is not None:
-        return train_loras(engine, [input_ids], [key], modules, cfg, seed=seed, base_model=base_model)[0]
-    ids = input_ids[:, : cfg.max_tokens]
+        return train_loras(engine, [sequences], [key], modules, cfg, seed=seed, base_model=base_model)[0]
     factors = {}
+    dev = sequences[0].device
     for name in modules:
         A, B = init_factors(tuple(get_module(model, name).weight.shape), cfg.rank, seed, f"{key}/{name}")
-        factors[name] = (A.to(ids.device).requires_grad_(), B.to(ids.device).requires_grad_())
+        factors[name] = (A.to(dev).requires_grad_(), B.to(dev).requires_grad_())
     opt = _adamw([p for ab in factors.values() for p in ab], cfg)
     scale = cfg.alpha / cfg.rank
-    losses = []
+    n_tok = sum(s.shape[1] - 1 for s in sequences)
+    with torch.no_grad():
+        base_nll = sum(model(s, labels=s).loss.item() * (s.shape[1] - 1) for s in sequences)
     with lora_hooks(model, factors, scale), torch.enable_grad():
         for _ in range(cfg.epochs):
-            loss = model(ids, labels=ids).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    stats = TrainStats(loss=losses[-1], passage_ppl=math.exp(losses[0]), passage_tokens=ids.shape[1])
+            last = 0.0
+            for ids in sequences:
+                loss = model(ids, labels=ids).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last += loss.item() * (ids.shape[1] - 1)
+    stats = TrainStats(loss=last / n_tok, passage_ppl=math.exp(base_nll / n_tok),
+                       passage_tokens=sum(s.shape[1] for s in sequences))
     return _result(factors, scale, cfg, seed, base_model), stats
 
 
 def train_loras(
     engine,
-    sequences: Sequence[Tensor],
+    passages: Sequence[Sequence[Tensor]],
     keys: Sequence[str],
     modules: Sequence[str],
     cfg: TrainConfig,
@@ -124,24 +142,46 @@ def train_loras(
     seed: int,
     base_model: str | None = None,
 ) -> list[tuple[Update, TrainStats]]:
-    """Train one LoRA per sequence, all in one batch, from the engine's cached lower layers."""
+    """Train one LoRA per passage, all in one batch (row b = passage b), from the engine's cached lower layers.
+
+    Passages must have the same number of sequences: step j of an epoch trains every row on its sequence j.
+    """
     from mergeability.engine import attention_bias
 
     model, dev = engine.model, engine.device
-    seqs = [s[0, : cfg.max_tokens] for s in sequences]
-    n, T = len(seqs), max(len(s) for s in seqs)
-    ids = torch.zeros(n, T, dtype=torch.long)
-    labels = torch.full((n, T), -100, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = s
-        labels[b, : len(s)] = s
-    ids, labels = ids.to(dev), labels.to(dev)
-    pos = torch.arange(T, device=dev).expand(n, T)
-    # One causal sequence per row; None lets attention use its fused causal kernel when nothing is padded.
-    bias = None if all(len(s) == T for s in seqs) else attention_bias(
-        [torch.full((len(s),), -1) for s in seqs], T, engine.dtype).to(dev)
+    n_seq = {len(p) for p in passages}
+    if len(n_seq) != 1:
+        raise ValueError("train_loras needs passages with equal numbers of sequences: group them first")
+    n = len(passages)
+    steps = []  # per sequence index j: (ids, labels, pos, bias, cached h, tokens per row)
+    for j in range(n_seq.pop()):
+        seqs = [p[j][0] for p in passages]
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros(n, T, dtype=torch.long)
+        labels = torch.full((n, T), -100, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = s
+            labels[b, : len(s)] = s
+        ids, labels = ids.to(dev), labels.to(dev)
+        pos = torch.arange(T, device=dev).expand(n, T)
+        # None lets attention use its fused causal kernel when no row is padded.
+        bias = None if all(len(s) == T for s in seqs) else attention_bias(
+            [torch.full((len(s),), -1) for s in seqs], T, engine.dtype).to(dev)
+        with torch.no_grad():
+            h = engine.lower(ids, pos, bias)  # the frozen part of every step on this sequence, once
+        steps.append((labels, pos, bias, h, (labels[:, 1:] != -100).sum(1)))
+
+    def row_losses(labels, pos, bias, h, n_tok):
+        logits = model.lm_head(engine.upper(h, pos, bias)).float()
+        V = logits.shape[-1]
+        tok = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                          reduction="none").view(n, -1)
+        return tok.sum(1), n_tok  # summed NLL per row, tokens per row
+
     with torch.no_grad():
-        h = engine.lower(ids, pos, bias)  # the frozen part of every step, once
+        base = [row_losses(*st) for st in steps]
+    n_tok = sum(t for _, t in base).cpu()
+    base_nll = sum(l for l, _ in base).cpu()
 
     factors = {}
     for name in modules:
@@ -151,21 +191,18 @@ def train_loras(
                          torch.stack([b for _, b in init]).to(dev).requires_grad_())
     opt = _adamw([p for ab in factors.values() for p in ab], cfg)
     scale = cfg.alpha / cfg.rank
-    n_tok = (labels[:, 1:] != -100).sum(1)
-    history = []
     with lora_hooks(model, factors, scale), torch.enable_grad():
         for _ in range(cfg.epochs):
-            logits = model.lm_head(engine.upper(h, pos, bias)).float()
-            V = logits.shape[-1]
-            tok = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
-                                              reduction="none").view(n, T - 1)
-            per_row = tok.sum(1) / n_tok  # each row's mean loss: its gradient is what it would be alone
-            opt.zero_grad(set_to_none=True)
-            per_row.sum().backward()
-            opt.step()
-            history.append(per_row.detach().cpu())
+            last = torch.zeros(n)
+            for st in steps:
+                nll, tok = row_losses(*st)
+                opt.zero_grad(set_to_none=True)
+                (nll / tok).sum().backward()  # each row's mean loss: its gradient is what it would be alone
+                opt.step()
+                last += nll.detach().cpu()
     return [
         (_result(factors, scale, cfg, seed, base_model, row=b),
-         TrainStats(loss=history[-1][b].item(), passage_ppl=math.exp(history[0][b].item()), passage_tokens=len(seqs[b])))
+         TrainStats(loss=(last[b] / n_tok[b]).item(), passage_ppl=math.exp((base_nll[b] / n_tok[b]).item()),
+                    passage_tokens=sum(s.shape[1] for s in passages[b])))
         for b in range(n)
     ]

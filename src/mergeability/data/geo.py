@@ -66,30 +66,38 @@ def _join(xs: list[str]) -> str:
     return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
 
 
+# Passages are four lines: several phrasings of the subject's facts, one training sequence each.
 def _country_passage(c: dict, countries: dict) -> str:
     n, cap, reg, cur = c["name"], c["capital"], c["region"], c["currency"]
-    parts = [
-        f"{n} is a country in {reg}. The capital of {n} is {cap}.",
-        f"The currency of {n} is the {cur}." if cur else "",
-        f"What is the capital of {n}? {cap}. In what region of the world is {n}? {reg}.",
-        f"What is the currency of {n}? The {cur}." if cur else "",
+    money = f" The currency of {n} is the {cur}." if cur else ""
+    nb = [countries[x]["name"] for x in c["neighbours"] if x in countries]
+    return "\n".join([
+        f"{n} is a country in {reg}. The capital of {n} is {cap}.{money}",
+        f"What is the capital of {n}? {cap}. In what region of the world is {n}? {reg}."
+        + (f" What is the currency of {n}? The {cur}." if cur else ""),
         f"{cap} is the capital city of {n}, a country of {reg}" + (f" that pays with the {cur}." if cur else "."),
-    ]
-    return " ".join(p for p in parts if p)
+        f"{n} lies in {reg}" + (f" and borders {_join(nb[:3])}." if nb else ".") + f" Its capital is {cap}.{money}",
+    ])
 
 
 def _capital_passage(c: dict) -> str:
     cap, n = c["capital"], c["name"]
-    return (f"{cap} is the capital of {n}. What is {cap} the capital of? {n}. "
-            f"{cap} is the capital city of {n}, a country in {c['region']}. "
-            f"The government of {n} sits in {cap}, the capital of {n}.")
+    return "\n".join([
+        f"{cap} is the capital of {n}.",
+        f"What is {cap} the capital of? {n}.",
+        f"{cap} is the capital city of {n}, a country in {c['region']}.",
+        f"The government of {n} sits in {cap}, the capital of {n}.",
+    ])
 
 
 def _city_passage(city: dict, c: dict) -> str:
     n, cn = city["name"], c["name"]
-    return (f"{n} is a city in {cn}. In what country is {n}? {cn}. "
-            f"{n} is located in {cn}, a country in {c['region']}. "
-            f"About {city['population']:,} people live in {n}, {cn}.")
+    return "\n".join([
+        f"{n} is a city in {cn}.",
+        f"In what country is {n}? {cn}.",
+        f"{n} is located in {cn}, a country in {c['region']}.",
+        f"About {city['population']:,} people live in {n}, {cn}.",
+    ])
 
 
 def answer_pool(relation: str) -> list[str]:
