@@ -37,11 +37,11 @@ def kill_after(monkeypatch, method, n):
     orig = getattr(Store, method)
     calls = {"n": 0}
 
-    def wrapped(self, row):
+    def wrapped(self, *row):
         if calls["n"] >= n:
             raise Killed
         calls["n"] += 1
-        orig(self, row)
+        orig(self, *row)
 
     monkeypatch.setattr(Store, method, wrapped)
     return calls
@@ -173,3 +173,30 @@ def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_pa
     assert "Score distribution by merge method" in text and "Robustness of scores to M and N" in text
     with pytest.raises(MergeabilityError, match="unknown experiment"):
         run_experiment("nope", run, QUIET)
+
+
+def test_locality_and_groups_experiments(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    from mergeability.experiments import groups_units, locality_units, run_experiment
+    from mergeability.report.build import build_report
+
+    cfg = cfg_for(tiny_model_dir, dataset)
+    run = tmp_path / "run"
+    run_popqa(cfg, run, console=QUIET)
+    with monkeypatch.context() as m:
+        kill_after(m, "add_experiment", 3)
+        with pytest.raises(Killed):
+            run_experiment("groups", run, QUIET)
+    run_experiment("groups", run, QUIET)
+    run_experiment("locality", run, QUIET)
+    store = Store(run / "results.sqlite")
+    from mergeability.experiments import _main_scores
+
+    kept = {r["item_id"]: None for r in store.rows("SELECT item_id FROM updates WHERE kept = 1")}
+    sc = _main_scores(cfg, store, kept)
+    assert len(store.experiment_rows("groups")) == len(groups_units(cfg, sc))
+    assert len(store.experiment_rows("locality")) == len(locality_units(cfg, sc))
+    html, claims = build_report(run)
+    text = html.read_text()
+    assert "Locality: high-score updates" in text and "mixing lowest- and highest-score" in text
+    local = next(c for c in claims if c.claim.startswith("Mergeability is local"))
+    assert "mergeability experiment" not in local.evidence

@@ -144,7 +144,7 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="algorithms | robustness")],
+    name: Annotated[str, typer.Argument(help="algorithms | robustness | locality | groups")],
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
 ) -> None:
     """Run one of the paper's follow-up experiments on a run's updates (resumable), then refresh its report."""

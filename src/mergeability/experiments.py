@@ -3,7 +3,9 @@ resumes), and `collect` turns whatever rows exist into tables, figures and claim
 
 from __future__ import annotations
 
+import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ from mergeability.analysis.stats import assign_bins, spearman
 from mergeability.errors import MergeabilityError
 from mergeability.estimate import params_key, plan_trials, run_trials
 
-NAMES = ("algorithms", "robustness")
+NAMES = ("algorithms", "robustness", "locality", "groups")
+REPEATS = 3  # random draws per setting of locality and groups
 OTHER_METHODS = ("ties", "mean")
 
 
@@ -61,6 +64,84 @@ def _trials(cfg, prep, store, updates, by_id, method, params, trials, partners, 
         run_trials(plan, updates, method, params, evaluate, record, done, chunk=cfg.batch_rows)
 
 
+def _main_scores(cfg, store, updates) -> dict[str, float]:
+    from mergeability.pipelines import scores
+
+    sc = scores(store, params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners}), sorted(updates))
+    if set(sc) != set(updates):
+        raise MergeabilityError("the run's trials are not finished: --resume it first")
+    return sc
+
+
+def _by_bin(sc: dict[str, float], M: int) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for i in sorted(sc):
+        out.setdefault(round(sc[i] * M), []).append(i)
+    return out
+
+
+def locality_units(cfg, sc: dict[str, float]) -> list[tuple[str, dict]]:
+    """§5.1: up to 10 top-score updates, each merged with a partner group drawn from each score bin."""
+    rng = random.Random(f"{cfg.seed}/locality")
+    ranked = sorted(sc, key=lambda i: (-sc[i], i))
+    fixed = ranked[: min(10, max(1, len(ranked) // 4))]
+    units = []
+    for k, members in sorted(_by_bin(sc, cfg.trials).items()):
+        pool = [i for i in members if i not in fixed]
+        if len(pool) < 2:
+            continue
+        for f in fixed:
+            for rep in range(REPEATS):
+                partners = rng.sample(pool, min(cfg.partners, len(pool)))
+                spec = {"fixed": f, "bin": k / cfg.trials, "rep": rep, "merge": [f, *partners]}
+                units.append((json.dumps(spec, sort_keys=True), spec))
+    return units
+
+
+def groups_units(cfg, sc: dict[str, float]) -> list[tuple[str, dict]]:
+    """A.20-A.22: merge updates of one bin; mix lowest and highest; grow the merged set."""
+    rng = random.Random(f"{cfg.seed}/groups")
+    bins, units = _by_bin(sc, cfg.trials), []
+
+    def add(kind, x, ids, rep):
+        spec = {"kind": kind, "x": x, "rep": rep, "merge": sorted(ids)}
+        units.append((json.dumps(spec, sort_keys=True), spec))
+
+    size = min(10, cfg.partners + 1)
+    for k, members in sorted(bins.items()):
+        for rep in range(REPEATS):
+            if len(members) >= 2:
+                add("bin", k / cfg.trials, rng.sample(members, min(size, len(members))), rep)
+            for n in (2, 4, 8, 16):
+                if n <= len(members):
+                    add(f"grow:{k / cfg.trials:.2f}", n, rng.sample(members, n), rep)
+    ranked = sorted(sc, key=lambda i: (sc[i], i))
+    L = min(size, len(ranked) // 2)
+    low, high = ranked[:L], ranked[-L:]
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        for rep in range(REPEATS):
+            h = round(frac * L)
+            add("mix", frac, rng.sample(high, h) + rng.sample(low, L - h), rep)
+    return units
+
+
+def _run_units(name, units, cfg, prep, store, updates, by_id, console) -> None:
+    from mergeability.merging import get_method
+    from mergeability.pipelines import _progress
+
+    merger = get_method(cfg.method, **cfg.method_params)
+    done = store.experiment_rows(name)
+    with _progress(console) as progress:
+        task = progress.add_task(name, total=len(units), completed=sum(k in done for k, _ in units))
+        for key, spec in units:
+            if key in done:
+                continue
+            merged = merger.merge([updates[i] for i in spec["merge"]])
+            res = prep.scorer.score([(by_id[i], merged) for i in spec["merge"]])
+            store.add_experiment(name, key, {"correct": {i: int(r.correct) for i, r in zip(spec["merge"], res)}})
+            progress.advance(task)
+
+
 def run_experiment(name: str, run_dir: Path, console: Console | None = None) -> None:
     if name not in NAMES:
         raise MergeabilityError(f"unknown experiment {name!r}: choose one of {', '.join(NAMES)}")
@@ -75,6 +156,10 @@ def run_experiment(name: str, run_dir: Path, console: Console | None = None) -> 
         _trials(*ctx, cfg.method, cfg.method_params, 2 * cfg.trials, cfg.partners, console, f"M={2 * cfg.trials}")
         _trials(*ctx, cfg.method, cfg.method_params, cfg.trials, max(1, cfg.partners // 2), console,
                 f"N={max(1, cfg.partners // 2)}")
+    else:
+        sc = _main_scores(cfg, store, updates)
+        units = locality_units(cfg, sc) if name == "locality" else groups_units(cfg, sc)
+        _run_units(name, units, cfg, prep, store, updates, by_id, console)
     store.close()
 
 
@@ -143,6 +228,8 @@ def collect(cfg, store, main: dict[str, float], figdir: Path) -> dict:
                 "Weaker merge methods put more updates at score 1.0 (§5.2)",
                 f"at 1.0: mean {b.mean():.0%} vs {cfg.method} {a.mean():.0%}",
                 f"sign test on {more + fewer} discordant updates, p = {p:.2g}", verdict)
+    _collect_locality(cfg, store, main, figdir, out)
+    _collect_groups(cfg, store, main, figdir, out)
     twice = _scores(store, cfg.method, params_key(cfg.method, {**cfg.method_params, "partners": N}), range(M, 2 * M))
     half_n = max(1, N // 2)
     half = _scores(store, cfg.method, params_key(cfg.method, {**cfg.method_params, "partners": half_n}), range(M))
@@ -154,6 +241,15 @@ def collect(cfg, store, main: dict[str, float], figdir: Path) -> dict:
                                      f"[{c_m.ci[0]:.2f}, {c_m.ci[1]:.2f}]", f"{c_m.p:.2g}"],
                                     [f"N={N} vs N={half_n} (M={M})", f"{c_n.rho:.3f}",
                                      f"[{c_n.ci[0]:.2f}, {c_n.ci[1]:.2f}]", f"{c_n.p:.2g}"]]))
+        from mergeability.report.figures import lines_figure
+
+        xs = [k / M for k in range(M + 1)]
+        bins_main = {k: [i for i in ids if round(main[i] * M) == k] for k in range(M + 1)}
+        avg = lambda s: [float(np.mean([s[i] for i in bins_main[k]])) if bins_main[k] else math.nan  # noqa: E731
+                         for k in range(M + 1)]
+        out["figures"].append(("Robustness to M and N (A.13, A.14)", lines_figure(
+            {f"trials {M + 1}–{2 * M}": (xs, avg(twice)), f"N={half_n}": (xs, avg(half))}, figdir / "robustness.png",
+            "Scores under other M and N, per main-run score bin", f"score (M={M}, N={N})", "mean score")))
         vs = [directional("M", c_m, +1), directional("N", c_n, +1)]
         out["claims"]["mn_agree"] = Verdict(
             "Scores agree across M and N (A.3)", f"ρ(M halves) = {c_m.rho:+.2f}; ρ(N vs N/2) = {c_n.rho:+.2f}",
@@ -161,3 +257,79 @@ def collect(cfg, store, main: dict[str, float], figdir: Path) -> dict:
             "supported" if all(v.verdict == "supported" for v in vs)
             else "contradicted" if any(v.verdict == "contradicted" for v in vs) else "inconclusive")
     return out
+
+
+def _complete(store, name: str, units) -> list[tuple[dict, dict]] | None:
+    rows = store.experiment_rows(name)
+    if not units or any(k not in rows for k, _ in units):
+        return None
+    return [(spec, rows[k]) for k, spec in units]
+
+
+def _collect_locality(cfg, store, main, figdir, out) -> None:
+    from mergeability.report.build import Table
+    from mergeability.report.figures import lines_figure
+
+    done = _complete(store, "locality", locality_units(cfg, main))
+    if done is None:
+        return
+    per_bin: dict[float, tuple[list[int], list[float]]] = {}
+    for spec, res in done:
+        c = res["correct"]
+        fixed_ok, partners = c[spec["fixed"]], [v for i, v in c.items() if i != spec["fixed"]]
+        per_bin.setdefault(spec["bin"], ([], []))
+        per_bin[spec["bin"]][0].append(fixed_ok)
+        per_bin[spec["bin"]][1].append(float(np.mean(partners)))
+    xs = sorted(per_bin)
+    fixed_acc = [float(np.mean(per_bin[x][0])) for x in xs]
+    partner_acc = [float(np.mean(per_bin[x][1])) for x in xs]
+    out["tables"].append(Table("Locality: high-score updates merged with partners from each bin (§5.1, Fig. 5)",
+                               ["partner bin", "merges", "fixed-set accuracy", "partner accuracy"],
+                               [[f"{x:.2f}", str(len(per_bin[x][0])), f"{a:.3f}", f"{b:.3f}"]
+                                for x, a, b in zip(xs, fixed_acc, partner_acc)]))
+    out["figures"].append(("Locality (Fig. 5)", lines_figure(
+        {"fixed high-score set": (xs, fixed_acc), "partners": (xs, partner_acc)}, figdir / "locality.png",
+        "Accuracy after merging with partners from each score bin", "partners' mergeability score", "accuracy")))
+    # Local if the fixed set's accuracy does not depend on the partners' bin, while the partners' does.
+    table = [[sum(per_bin[x][0]), len(per_bin[x][0]) - sum(per_bin[x][0])] for x in xs]
+    p = float(st.chi2_contingency(table)[1]) if len(xs) > 1 and np.all(np.array(table).sum(0) > 0) else 1.0
+    spread = max(fixed_acc) - min(fixed_acc)
+    verdict = ("supported" if p >= ALPHA and spread < 0.25 else "contradicted" if p < ALPHA and spread >= 0.25
+               else "inconclusive")
+    out["claims"]["locality"] = Verdict(
+        "Mergeability is local: high-score updates stay stable whatever partners (§5.1)",
+        f"fixed-set accuracy {min(fixed_acc):.2f}–{max(fixed_acc):.2f} across partner bins; "
+        f"partners {min(partner_acc):.2f}–{max(partner_acc):.2f}",
+        f"χ² test of fixed-set accuracy vs partner bin, p = {p:.2g} (rule: supported if p ≥ {ALPHA} and spread < 0.25)",
+        verdict)
+
+
+def _collect_groups(cfg, store, main, figdir, out) -> None:
+    from mergeability.report.build import Table
+    from mergeability.report.figures import lines_figure
+
+    done = _complete(store, "groups", groups_units(cfg, main))
+    if done is None:
+        return
+    acc: dict[tuple[str, float], list[float]] = {}
+    for spec, res in done:
+        acc.setdefault((spec["kind"], spec["x"]), []).append(float(np.mean(list(res["correct"].values()))))
+    mean = {k: float(np.mean(v)) for k, v in acc.items()}
+    bins = sorted(x for kind, x in mean if kind == "bin")
+    mix = sorted(x for kind, x in mean if kind == "mix")
+    out["tables"].append(Table("Accuracy when merging updates of one score bin (A.20)", ["bin", "accuracy"],
+                               [[f"{x:.2f}", f"{mean[('bin', x)]:.3f}"] for x in bins]))
+    out["tables"].append(Table("Accuracy when mixing lowest- and highest-score updates (A.21)",
+                               ["share of high-score updates", "accuracy"],
+                               [[f"{x:.0%}", f"{mean[('mix', x)]:.3f}"] for x in mix]))
+    grow = {kind.split(":")[1]: sorted(x for k2, x in mean if k2 == kind) for kind, _ in mean if kind.startswith("grow")}
+    series = {f"bin {b}": (xs, [mean[(f"grow:{b}", x)] for x in xs]) for b, xs in sorted(grow.items())}
+    out["tables"].append(Table("Accuracy as the number of merged updates grows (A.22)", ["bin", "merged", "accuracy"],
+                               [[b, str(x), f"{y:.3f}"] for b, (xs, ys) in series.items() for x, y in zip(xs, ys)]))
+    out["figures"].append(("Merging within one bin, mixing, growing (A.20–A.22)", lines_figure(
+        {"one bin (x = bin)": (bins, [mean[("bin", x)] for x in bins]),
+         "mix (x = share of high)": (mix, [mean[("mix", x)] for x in mix])}, figdir / "groups.png",
+        "Accuracy of merged groups", "bin score / share of high-score updates", "accuracy")))
+    if series:
+        out["figures"].append(("Accuracy as merged groups grow (A.22)", lines_figure(
+            series, figdir / "groups_grow.png", "Accuracy as the merged group grows", "updates merged", "accuracy")))

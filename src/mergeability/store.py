@@ -23,6 +23,9 @@ CREATE TABLE IF NOT EXISTS updates (
     item_id TEXT PRIMARY KEY, path TEXT, kept INTEGER, train_loss REAL, passage_ppl REAL, passage_tokens INTEGER,
     post_scores TEXT, post_gold_prob REAL, post_gap REAL, fro_norm REAL, top_sv REAL
 );
+CREATE TABLE IF NOT EXISTS experiments (
+    name TEXT, key TEXT, result TEXT, PRIMARY KEY (name, key)
+);
 CREATE TABLE IF NOT EXISTS trials (
     target TEXT, trial INTEGER, method TEXT, params TEXT, partners TEXT, correct INTEGER, probs TEXT,
     PRIMARY KEY (target, trial, method, params)
@@ -75,6 +78,13 @@ class Store:
 
     def add_trial(self, row: dict) -> None:
         self._insert("trials", row)
+
+    def add_experiment(self, name: str, key: str, result: dict) -> None:
+        self._insert("experiments", {"name": name, "key": key, "result": result})
+
+    def experiment_rows(self, name: str) -> dict[str, dict]:
+        rows = self.db.execute("SELECT key, result FROM experiments WHERE name = ?", (name,))
+        return {k: json.loads(v) for k, v in rows}
 
     def ids(self, table: str, column: str = "id") -> set[str]:
         return {r[0] for r in self.db.execute(f"SELECT {column} FROM {table}")}
