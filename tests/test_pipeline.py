@@ -149,9 +149,15 @@ def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_pa
     from mergeability.experiments import run_experiment
     from mergeability.report.build import build_report
 
+    from mergeability.estimate import params_key
+    from mergeability.pipelines import scores
+
     cfg = cfg_for(tiny_model_dir, dataset)
     run = tmp_path / "run"
     s = run_popqa(cfg, run, console=QUIET)
+    key = params_key(cfg.method, {"partners": cfg.partners})
+    main_scores = lambda: scores(Store(run / "results.sqlite"), key, [f"f{i}" for i in range(20)], cfg.trials)  # noqa: E731
+    before = main_scores()
     with monkeypatch.context() as m:
         kill_after(m, "add_trial", 5)
         with pytest.raises(Killed):
@@ -162,6 +168,7 @@ def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_pa
         assert calls["n"] == 2 * 3 * s["kept"] - 5  # ties and mean, M trials each; nothing redone
         run_experiment("robustness", run, QUIET)
         assert calls["n"] == 2 * 3 * s["kept"] - 5 + 2 * 3 * s["kept"]  # 3 more trials each, and N/2
+        assert main_scores() == before  # the extra trials share the run's key but never change its scores
         run_experiment("algorithms", run, QUIET)  # all recorded: no new work
         assert calls["n"] == 4 * 3 * s["kept"] - 5
     html, claims = build_report(run)

@@ -67,7 +67,8 @@ def _trials(cfg, prep, store, updates, by_id, method, params, trials, partners, 
 def _main_scores(cfg, store, updates) -> dict[str, float]:
     from mergeability.pipelines import scores
 
-    sc = scores(store, params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners}), sorted(updates))
+    sc = scores(store, params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners}), sorted(updates),
+                cfg.trials, complete=True)
     if set(sc) != set(updates):
         raise MergeabilityError("the run's trials are not finished: --resume it first")
     return sc
@@ -166,17 +167,9 @@ def run_experiment(name: str, run_dir: Path, console: Console | None = None) -> 
 # ---------------------------------------------------------------------------------------------- report side
 
 
-def _scores(store, method: str, key: str, trials: range) -> dict[str, float]:
-    rows = store.rows("SELECT target, trial, correct FROM trials WHERE method = ? AND params = ?", (method, key))
-    acc: dict[str, list[int]] = {}
-    for r in rows:
-        if r["trial"] in trials:
-            acc.setdefault(r["target"], []).append(r["correct"])
-    return {t: sum(v) / len(v) for t, v in acc.items() if len(v) == len(trials)}
-
-
 def collect(cfg, store, main: dict[str, float], figdir: Path) -> dict:
     """Tables, figures and claims of every experiment with rows in the store."""
+    from mergeability.pipelines import scores
     from mergeability.report.build import Table
     from mergeability.report.figures import lines_figure
 
@@ -188,7 +181,7 @@ def collect(cfg, store, main: dict[str, float], figdir: Path) -> dict:
     for method in OTHER_METHODS:
         if method == cfg.method:
             continue
-        sc = _scores(store, method, params_key(method, {"partners": N}), range(M))
+        sc = scores(store, params_key(method, {"partners": N}), ids, M, complete=True)
         if set(ids) <= set(sc):
             others[method] = sc
     if others:
@@ -230,9 +223,9 @@ def collect(cfg, store, main: dict[str, float], figdir: Path) -> dict:
                 f"sign test on {more + fewer} discordant updates, p = {p:.2g}", verdict)
     _collect_locality(cfg, store, main, figdir, out)
     _collect_groups(cfg, store, main, figdir, out)
-    twice = _scores(store, cfg.method, params_key(cfg.method, {**cfg.method_params, "partners": N}), range(M, 2 * M))
+    twice = scores(store, params_key(cfg.method, {**cfg.method_params, "partners": N}), ids, M, first=M, complete=True)
     half_n = max(1, N // 2)
-    half = _scores(store, cfg.method, params_key(cfg.method, {**cfg.method_params, "partners": half_n}), range(M))
+    half = scores(store, params_key(cfg.method, {**cfg.method_params, "partners": half_n}), ids, M, complete=True)
     if set(ids) <= set(twice) and set(ids) <= set(half):
         c_m = spearman([main[i] for i in ids], [twice[i] for i in ids], seed=cfg.seed)
         c_n = spearman([main[i] for i in ids], [half[i] for i in ids], seed=cfg.seed)

@@ -205,7 +205,7 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
         timings["trials"] = time.perf_counter() - t
 
     summary = summarize(store, cfg, key, pool)
-    write_scores_csv(store, key, pool, out / "scores.csv")
+    write_scores_csv(store, key, pool, cfg.trials, out / "scores.csv")
     store.set_meta("timings", timings)
     store.close()
     summary["timings"] = timings
@@ -213,15 +213,22 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     return summary
 
 
-def scores(store, key: str, pool: list[str]) -> dict[str, float]:
-    rows = store.rows("SELECT target, AVG(correct) AS score FROM trials WHERE params = ? GROUP BY target", (key,))
-    return {r["target"]: r["score"] for r in rows if r["target"] in set(pool)}
+def scores(store, key: str, pool, trials: int, first: int = 0, complete: bool = False) -> dict[str, float]:
+    """Mergeability score per update: mean correctness over trials first … first + trials − 1 under `key`.
+
+    Only those trials count: an experiment that adds trials to the same key never changes the run's score.
+    With `complete`, updates missing any of those trials are left out.
+    """
+    rows = store.rows("SELECT target, AVG(correct) AS score, COUNT(*) AS n FROM trials WHERE params = ? "
+                      "AND trial >= ? AND trial < ? GROUP BY target", (key, first, first + trials))
+    keep = set(pool)
+    return {r["target"]: r["score"] for r in rows if r["target"] in keep and (not complete or r["n"] == trials)}
 
 
 def summarize(store, cfg: RunConfig, key: str, pool: list[str]) -> dict:
     items = store.rows("SELECT correct FROM items")
     upd = store.rows("SELECT kept FROM updates")
-    sc = scores(store, key, pool)
+    sc = scores(store, key, pool, cfg.trials)
     hist = Counter(round(v * cfg.trials) for v in sc.values())
     return {
         "screened": len(items),
@@ -233,9 +240,9 @@ def summarize(store, cfg: RunConfig, key: str, pool: list[str]) -> dict:
     }
 
 
-def write_scores_csv(store, key: str, pool: list[str], path: Path) -> None:
+def write_scores_csv(store, key: str, pool: list[str], trials: int, path: Path) -> None:
     """One row per kept update: its score and every feature recorded so far. Written atomically."""
-    sc = scores(store, key, pool)
+    sc = scores(store, key, pool, trials)
     rows = store.rows(
         "SELECT i.id, i.relation, i.subj, i.obj, i.s_pop, i.gold_prob, i.gold_rank, i.gap, "
         "u.post_gold_prob, u.post_gap, u.train_loss, u.passage_ppl, u.passage_tokens, u.fro_norm, u.top_sv "

@@ -47,7 +47,7 @@ def open_run(run_dir: Path):
     store = Store(run_dir / "results.sqlite")
     key = params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners})
     kept = [r["item_id"] for r in store.rows("SELECT item_id FROM updates WHERE kept = 1")]
-    sc = scores(store, key, kept)
+    sc = scores(store, key, kept, cfg.trials)
     if len(sc) < 3:
         raise MergeabilityError(f"{run_dir} has scores for {len(sc)} updates: finish the run first (--resume)")
     return cfg, store, sc
