@@ -24,16 +24,11 @@ OTHER_METHODS = ("ties", "mean")
 
 def _context(run_dir: Path):
     """Config, prepared model/scorer, store, kept updates and items of a run."""
-    from mergeability.config import load_config
-    from mergeability.pipelines import prepare_popqa
-    from mergeability.store import Store
+    from mergeability.pipelines import open_run_dir, prepare_popqa
     from mergeability.updates import load_update
 
     run_dir = Path(run_dir)
-    if not (run_dir / "results.sqlite").exists() or not (run_dir / "config.yaml").exists():
-        raise MergeabilityError(f"{run_dir} is not a run directory: it has no results.sqlite and config.yaml")
-    cfg = load_config(run_dir / "config.yaml")
-    store = Store(run_dir / "results.sqlite")
+    cfg, store = open_run_dir(run_dir)
     kept = store.rows("SELECT item_id, path FROM updates WHERE kept = 1 ORDER BY item_id")
     if len(kept) <= cfg.partners:
         raise MergeabilityError(f"{run_dir} has {len(kept)} kept updates: finish the run first (--resume)")

@@ -213,6 +213,17 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     return summary
 
 
+def open_run_dir(run_dir: Path):
+    """(config, store) of an existing run directory, or a one-line error if it is not one."""
+    from mergeability.config import load_config
+    from mergeability.store import Store
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.sqlite").exists() or not (run_dir / "config.yaml").exists():
+        raise MergeabilityError(f"{run_dir} is not a run directory: it has no results.sqlite and config.yaml")
+    return load_config(run_dir / "config.yaml"), Store(run_dir / "results.sqlite")
+
+
 def scores(store, key: str, pool, trials: int, first: int = 0, complete: bool = False) -> dict[str, float]:
     """Mergeability score per update: mean correctness over trials first … first + trials − 1 under `key`.
 

@@ -35,16 +35,10 @@ def _f(x: float, d: int = 3) -> str:
 
 
 def open_run(run_dir: Path):
-    from mergeability.config import load_config
     from mergeability.estimate import params_key
-    from mergeability.pipelines import scores
-    from mergeability.store import Store
+    from mergeability.pipelines import open_run_dir, scores
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "results.sqlite").exists() or not (run_dir / "config.yaml").exists():
-        raise MergeabilityError(f"{run_dir} is not a run directory: it has no results.sqlite and config.yaml")
-    cfg = load_config(run_dir / "config.yaml")
-    store = Store(run_dir / "results.sqlite")
+    cfg, store = open_run_dir(run_dir)
     key = params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners})
     kept = [r["item_id"] for r in store.rows("SELECT item_id FROM updates WHERE kept = 1")]
     sc = scores(store, key, kept, cfg.trials)
