@@ -207,3 +207,26 @@ def test_locality_and_groups_experiments(tiny_model_dir, dataset, tmp_path, monk
     assert "Locality: high-score updates" in text and "mixing lowest- and highest-score" in text
     local = next(c for c in claims if c.claim.startswith("Mergeability is local"))
     assert "mergeability experiment" not in local.evidence
+
+
+def test_a_live_run_locks_its_directory(tiny_model_dir, dataset, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mergeability.store import Store; "
+                               f"s = Store({str(out / 'results.sqlite')!r}); print('locked', flush=True); "
+                               "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(MergeabilityError, match=f"in use by process {holder.pid}"):
+            run_popqa(cfg_for(tiny_model_dir, dataset), out, resume=True, console=QUIET)
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    run_popqa(cfg_for(tiny_model_dir, dataset), out, resume=True, console=QUIET)  # the dead holder's lock is gone

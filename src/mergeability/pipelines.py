@@ -101,9 +101,10 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     lm, items, modules, scorer = prep.lm, prep.items, prep.modules, prep.scorer
     engine = scorer if cfg.engine == "fast" else None
     model, tok = lm.model, lm.tokenizer
-    (out / "updates").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / "results.sqlite")  # takes the run's lock before anything is written
+    (out / "updates").mkdir(exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    store = Store(out / "results.sqlite")
     store.set_meta("provenance", {"model": cfg.model, "revision": cfg.revision, "dtype": cfg.dtype,
                                   "norm": cfg.norm, "seed": cfg.seed, "version": __version__,
                                   "modules": modules, "torch": torch.__version__})
@@ -213,7 +214,7 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     return summary
 
 
-def open_run_dir(run_dir: Path):
+def open_run_dir(run_dir: Path, *, lock: bool = True):
     """(config, store) of an existing run directory, or a one-line error if it is not one."""
     from mergeability.config import load_config
     from mergeability.store import Store
@@ -221,7 +222,7 @@ def open_run_dir(run_dir: Path):
     run_dir = Path(run_dir)
     if not (run_dir / "results.sqlite").exists() or not (run_dir / "config.yaml").exists():
         raise MergeabilityError(f"{run_dir} is not a run directory: it has no results.sqlite and config.yaml")
-    return load_config(run_dir / "config.yaml"), Store(run_dir / "results.sqlite")
+    return load_config(run_dir / "config.yaml"), Store(run_dir / "results.sqlite", lock=lock)
 
 
 def scores(store, key: str, pool, trials: int, first: int = 0, complete: bool = False) -> dict[str, float]:

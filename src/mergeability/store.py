@@ -5,7 +5,9 @@ Keys are unique, so a resumed run can skip what is recorded and never records an
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,8 +36,12 @@ CREATE TABLE IF NOT EXISTS trials (
 
 
 class Store:
-    def __init__(self, path: str | Path):
+    """`lock=True` (writers) takes an exclusive lock on the run beside the store: a second live process is refused
+    with a one-line error. The OS drops the lock when the holder dies, so a killed run never leaves one behind."""
+
+    def __init__(self, path: str | Path, *, lock: bool = True):
         self.path = Path(path)
+        self._lock = _acquire(self.path.with_name(self.path.name + ".lock")) if lock else None
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; we open transactions
             self.db.row_factory = sqlite3.Row
@@ -53,6 +59,9 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     # meta: provenance and the resolved config
     def set_meta(self, key: str, value: Any) -> None:
@@ -95,3 +104,22 @@ class Store:
     def done_trials(self, method: str, params: str) -> set[tuple[str, int]]:
         q = "SELECT target, trial FROM trials WHERE method = ? AND params = ?"
         return {(r[0], r[1]) for r in self.db.execute(q, (method, params))}
+
+
+def _acquire(lock_path: Path):
+    """POSIX record lock (per process: a run resumed in the same process may lock again)."""
+    f = open(lock_path, "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise MergeabilityError(
+            f"{lock_path.parent} is in use by process {holder}: wait for it to finish or stop it"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f

@@ -38,7 +38,7 @@ def open_run(run_dir: Path):
     from mergeability.estimate import params_key
     from mergeability.pipelines import open_run_dir, scores
 
-    cfg, store = open_run_dir(run_dir)
+    cfg, store = open_run_dir(run_dir, lock=False)  # a report may be drawn while a run is live
     key = params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners})
     kept = [r["item_id"] for r in store.rows("SELECT item_id FROM updates WHERE kept = 1")]
     sc = scores(store, key, kept, cfg.trials)
