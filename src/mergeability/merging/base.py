@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from mergeability.errors import MergeabilityError
-from mergeability.updates import Dense, LowRank, Update
+from mergeability.updates import LowRank, Update
 
 
 def check_updates(updates: Sequence[Update]) -> dict[str, tuple[int, int]]:
@@ -67,10 +67,6 @@ def result(modules: dict, updates: Sequence[Update], method: str, params: dict, 
         "version": __version__,
     }
     return Update({k: m.to(dtype) for k, m in modules.items()}, base, meta)
-
-
-def as_dense(m: LowRank | Dense, dtype: torch.dtype) -> torch.Tensor:
-    return m.to(dtype).delta()
 
 
 def params_of(method) -> dict:
