@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "results.sqlite")  # takes the run's lock before anything is written
     (out / "updates").mkdir(exist_ok=True)
+    for stale in (out / "updates").glob(".*.tmp-*"):  # a save a killed run did not finish
+        shutil.rmtree(stale, ignore_errors=True)
     save_config(cfg, out / "config.yaml")
     store.set_meta("provenance", {"model": cfg.model, "revision": cfg.revision, "dtype": cfg.dtype,
                                   "norm": cfg.norm, "seed": cfg.seed, "version": __version__,
