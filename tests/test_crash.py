@@ -33,6 +33,9 @@ def test_sigkill_at_many_points_then_resume_is_lossless(tiny_model_dir, dataset,
     cmd = [sys.executable, "-m", "mergeability.cli", *args, "--config", str(cfg)]
     ref = tmp_path / "ref"
     subprocess.run([*cmd, "--out", str(ref)], check=True, capture_output=True)
+    again = tmp_path / "again"  # determinism: the same command twice, byte-identical scores
+    subprocess.run([*cmd, "--out", str(again)], check=True, capture_output=True)
+    assert (again / "scores.csv").read_bytes() == (ref / "scores.csv").read_bytes()
 
     out = tmp_path / "killed"
     db = out / "results.sqlite"
