@@ -214,13 +214,3 @@ class Engine:
             k += K
             out.append(ItemScore(tuple(normalise(total, p.n_tokens, p.n_chars, self.norm).tolist()), p.gold))
         return out
-
-    # ------------------------------------------------------------------ training on cached states
-
-    @torch.no_grad()
-    def sequence_cache(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(h, pos, bias) for a plain causal sequence (1 × T): the frozen part of a training step, computed once."""
-        T = ids.shape[1]
-        pos = torch.arange(T, device=self.device)[None]
-        bias = attention_bias([torch.full((T,), -1)], T, self.dtype).to(self.device)
-        return self.lower(ids.to(self.device), pos, bias), pos, bias

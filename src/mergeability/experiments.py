@@ -60,10 +60,9 @@ def _trials(cfg, prep, store, updates, by_id, method, params, trials, partners, 
 
 
 def _main_scores(cfg, store, updates) -> dict[str, float]:
-    from mergeability.pipelines import scores
+    from mergeability.pipelines import run_key, scores
 
-    sc = scores(store, params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners}), sorted(updates),
-                cfg.trials, complete=True)
+    sc = scores(store, run_key(cfg), sorted(updates), cfg.trials, complete=True)
     if set(sc) != set(updates):
         raise MergeabilityError("the run's trials are not finished: --resume it first")
     return sc
@@ -164,7 +163,7 @@ def run_experiment(name: str, run_dir: Path, console: Console | None = None) -> 
 
 def collect(cfg, store, main: dict[str, float], figdir: Path) -> dict:
     """Tables, figures and claims of every experiment with rows in the store."""
-    from mergeability.pipelines import scores
+    from mergeability.pipelines import run_key, scores
     from mergeability.report.build import Table
     from mergeability.report.figures import lines_figure
 
@@ -218,9 +217,9 @@ def collect(cfg, store, main: dict[str, float], figdir: Path) -> dict:
                 f"sign test on {more + fewer} discordant updates, p = {p:.2g}", verdict)
     _collect_locality(cfg, store, main, figdir, out)
     _collect_groups(cfg, store, main, figdir, out)
-    twice = scores(store, params_key(cfg.method, {**cfg.method_params, "partners": N}), ids, M, first=M, complete=True)
+    twice = scores(store, run_key(cfg), ids, M, first=M, complete=True)
     half_n = max(1, N // 2)
-    half = scores(store, params_key(cfg.method, {**cfg.method_params, "partners": half_n}), ids, M, complete=True)
+    half = scores(store, run_key(cfg, half_n), ids, M, complete=True)
     if set(ids) <= set(twice) and set(ids) <= set(half):
         c_m = spearman([main[i] for i in ids], [twice[i] for i in ids], seed=cfg.seed)
         c_n = spearman([main[i] for i in ids], [half[i] for i in ids], seed=cfg.seed)

@@ -86,7 +86,7 @@ def prepare_popqa(cfg: RunConfig) -> Prepared:
 def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
     """Screen → train → trials → scores.csv. Returns the summary."""
     from mergeability import __version__
-    from mergeability.estimate import params_key, plan_trials, run_trials
+    from mergeability.estimate import plan_trials, run_trials
     from mergeability.store import Store
     from mergeability.training import TrainConfig, split_passage, train_lora, train_loras
     from mergeability.updates import load_update, save_update
@@ -193,7 +193,7 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
         updates = {r["item_id"]: load_update(out / r["path"]) for r in kept}
         pool = sorted(updates)
         plan = plan_trials(cfg.seed, pool, pool, cfg.trials, cfg.partners)
-        key = params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners})
+        key = run_key(cfg)
         done = store.done_trials(cfg.method, key)
         task = progress.add_task("trials", total=len(plan), completed=sum((p.target, p.trial) in done for p in plan))
 
@@ -215,6 +215,13 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     summary["timings"] = timings
     print_summary(summary, console)
     return summary
+
+
+def run_key(cfg: RunConfig, partners: int | None = None) -> str:
+    """The trial key of a run's own method and parameters (optionally with another N)."""
+    from mergeability.estimate import params_key
+
+    return params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners if partners is None else partners})
 
 
 def open_run_dir(run_dir: Path, *, lock: bool = True):

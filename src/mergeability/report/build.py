@@ -35,11 +35,10 @@ def _f(x: float, d: int = 3) -> str:
 
 
 def open_run(run_dir: Path):
-    from mergeability.estimate import params_key
-    from mergeability.pipelines import open_run_dir, scores
+    from mergeability.pipelines import open_run_dir, run_key, scores
 
     cfg, store = open_run_dir(run_dir, lock=False)  # a report may be drawn while a run is live
-    key = params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners})
+    key = run_key(cfg)
     kept = [r["item_id"] for r in store.rows("SELECT item_id FROM updates WHERE kept = 1")]
     sc = scores(store, key, kept, cfg.trials)
     if len(sc) < 3:
@@ -82,7 +81,7 @@ def build_report(run_dir: Path) -> tuple[Path, list[Verdict]]:
     claims = example_level_claims(corr, base, exp["claims"])
     tables = tables + exp["tables"]
     figures = figures + exp["figures"]
-    summary = _summary(store, sc, M)
+    summary = _summary(store, cfg, sc)
     provenance = store.get_meta("provenance") or {}
     store.close()
     html_path = _write_html(run_dir, cfg, provenance, summary, tables, figures, claims)
@@ -90,18 +89,18 @@ def build_report(run_dir: Path) -> tuple[Path, list[Verdict]]:
     return html_path, claims
 
 
-def _summary(store, sc: dict, M: int) -> list[list[str]]:
-    items = store.rows("SELECT correct FROM items")
-    upd = store.rows("SELECT kept FROM updates")
+def _summary(store, cfg, sc: dict) -> list[list[str]]:
+    from mergeability.pipelines import run_key, summarize
+
+    s = summarize(store, cfg, run_key(cfg), list(sc))
     n_trials = store.rows("SELECT COUNT(*) AS n FROM trials")[0]["n"]
-    kept = sum(r["kept"] for r in upd)
-    return [["items screened", str(len(items))],
-            ["base accuracy", f"{sum(r['correct'] for r in items) / max(len(items), 1):.1%}"],
-            ["trained (base-wrong)", str(len(upd))],
-            ["kept (flipped to correct)", f"{kept} ({kept / max(len(upd), 1):.0%})"],
+    return [["items screened", str(s["screened"])],
+            ["base accuracy", f"{s['base_accuracy']:.1%}"],
+            ["trained (base-wrong)", str(s["trained"])],
+            ["kept (flipped to correct)", f"{s['kept']} ({s['kept'] / max(s['trained'], 1):.0%})"],
             ["scored updates", str(len(sc))],
             ["trials recorded", str(n_trials)],
-            ["mean mergeability score", f"{sum(sc.values()) / len(sc):.3f}"]]
+            ["mean mergeability score", f"{s['mean_score']:.3f}"]]
 
 
 def _atomic_write(path: Path, text: str) -> None:

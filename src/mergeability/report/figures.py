@@ -60,17 +60,6 @@ def bins_figure(panels: Sequence[tuple[str, list[BinRow]]], path: Path, title: s
     return _save(fig, path)
 
 
-def scatter_figure(x, y, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter(x, y, s=14, alpha=0.6, color="#3b6ea5")
-    lim = [min(np.nanmin(x), np.nanmin(y)), max(np.nanmax(x), np.nanmax(y))]
-    ax.plot(lim, lim, ls="--", color="grey", lw=1)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    return _save(fig, path)
-
-
 def lines_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str,
                  xlabel: str, ylabel: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.8))
