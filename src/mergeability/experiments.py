@@ -29,6 +29,10 @@ def _context(run_dir: Path):
 
     run_dir = Path(run_dir)
     cfg, store = open_run_dir(run_dir)
+    if hasattr(cfg, "pool"):
+        store.close()
+        raise MergeabilityError(f"{run_dir} is a task-level run: its experiment is weighted "
+                                f"(mergeability experiment weighted {run_dir})")
     kept = store.rows("SELECT item_id, path FROM updates WHERE kept = 1 ORDER BY item_id")
     if len(kept) <= cfg.partners:
         raise MergeabilityError(f"{run_dir} has {len(kept)} kept updates: finish the run first (--resume)")
@@ -139,7 +143,7 @@ def _run_units(name, units, cfg, prep, store, updates, by_id, console) -> None:
 
 def run_experiment(name: str, run_dir: Path, console: Console | None = None) -> None:
     if name not in NAMES:
-        raise MergeabilityError(f"unknown experiment {name!r}: choose one of {', '.join(NAMES)}")
+        raise MergeabilityError(f"unknown experiment {name!r}: choose one of {', '.join(NAMES)}, or weighted")
     console = console or Console()
     cfg, prep, store, updates, by_id = _context(run_dir)
     ctx = (cfg, prep, store, updates, by_id)

@@ -1,4 +1,6 @@
-"""The run's SQLite store: items, updates and every trial, each written in its own transaction.
+"""The run's SQLite store: items (or tasks), updates and every trial, each written in its own transaction.
+
+A trial's `correct` is 0/1 for an example-level run and the task's exact-match accuracy for a task-level run.
 
 Keys are unique, so a resumed run can skip what is recorded and never records anything twice.
 """
@@ -27,6 +29,10 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE TABLE IF NOT EXISTS experiments (
     name TEXT, key TEXT, result TEXT, PRIMARY KEY (name, key)
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    name TEXT PRIMARY KEY, path TEXT, base_acc REAL, ft_acc REAL, base_correct TEXT, ft_correct TEXT, n_test INTEGER,
+    train_loss REAL, answer_ppl REAL, prompt_tokens REAL, fro_norm REAL, top_sv REAL
 );
 CREATE TABLE IF NOT EXISTS trials (
     target TEXT, trial INTEGER, method TEXT, params TEXT, partners TEXT, correct INTEGER, probs TEXT,
@@ -84,6 +90,9 @@ class Store:
 
     def add_update(self, row: dict) -> None:
         self._insert("updates", row)
+
+    def add_task(self, row: dict) -> None:
+        self._insert("tasks", row)
 
     def add_trial(self, row: dict) -> None:
         self._insert("trials", row)

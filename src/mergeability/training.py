@@ -206,3 +206,116 @@ def train_loras(
                     passage_tokens=sum(s.shape[1] for s in passages[b])))
         for b in range(n)
     ]
+
+
+# ---------------------------------------------------------------- task adapters (Lots-of-LoRAs style)
+
+
+@dataclass(frozen=True)
+class TaskTrainConfig:
+    rank: int = 16  # Lots-of-LoRAs adapters: r = 16
+    alpha: float = 32.0
+    lr: float = 2e-3  # AdamW, no weight decay
+    epochs: int = 3  # passes over the train split
+    batch_size: int = 8  # examples per step
+
+
+def task_batches(tokenizer, examples, batch_size: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(ids, attention mask, labels) per step: prompt + ' ' + first reference + EOS, right-padded; labels are
+    -100 on the prompt and the padding, so the loss is on the answer only."""
+    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for s in range(0, len(examples), batch_size):
+        rows = []
+        for e in examples[s : s + batch_size]:
+            p = tokenizer(e.input).input_ids
+            a = tokenizer(" " + e.outputs[0], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            rows.append((p + a, len(p)))
+        T = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        labels = torch.full((len(rows), T), -100, dtype=torch.long)
+        for b, (seq, n_prompt) in enumerate(rows):
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
+            labels[b, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+        out.append((ids, mask, labels))
+    return out
+
+
+def shared_prefix(ids: Tensor, labels: Tensor) -> int:
+    """Length of the token prefix every row shares, stopping at least one token before any row's answer
+    (the prompts of a task share its definition and examples: most of every sequence)."""
+    first_label = int((labels != -100).int().argmax(1).min())
+    same = (ids == ids[:1]).all(0)
+    n = int(same.int().cumprod(0).sum())
+    return max(0, min(n, first_label - 1))
+
+
+def answer_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, *, plain: bool = False) -> Tensor:
+    """Mean cross-entropy of the answer tokens. The fast route runs the shared prompt prefix once for the whole
+    batch (its keys and values are broadcast to every row) and the output head only where a label is (the
+    49k-token head is a third of a small model's cost); `plain` is HF's full-logits loss, for checking."""
+    if plain:
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    body = getattr(model, model.base_model_prefix)
+    P = shared_prefix(ids, labels) if len(ids) > 1 else 0
+    if P > 0:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        body(input_ids=ids[:1, :P], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(ids))
+        pos = torch.arange(P, ids.shape[1], device=ids.device).expand(len(ids), -1)
+        h = body(input_ids=ids[:, P:], attention_mask=mask, past_key_values=cache, position_ids=pos,
+                 use_cache=True).last_hidden_state[:, :-1]
+    else:
+        h = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    target = labels[:, P + 1 :]
+    keep = target != -100
+    logits = model.get_output_embeddings()(h[keep]).float()
+    return nn.functional.cross_entropy(logits, target[keep])
+
+
+def train_task_lora(
+    model: nn.Module,
+    tokenizer,
+    examples,
+    modules: Sequence[str],
+    cfg: TaskTrainConfig,
+    *,
+    seed: int,
+    key: str,
+    base_model: str | None = None,
+    plain: bool = False,
+    on_step=None,
+) -> tuple[Update, TrainStats]:
+    """One LoRA update for a task: `epochs` passes over its training examples in fixed order, `batch_size` a step.
+    TrainStats: last epoch's loss, the base model's perplexity on the answers, the mean prompt length."""
+    dev = next(model.parameters()).device
+    steps = [tuple(t.to(dev) for t in b) for b in task_batches(tokenizer, examples, cfg.batch_size)]
+    factors = {}
+    for name in modules:
+        A, B = init_factors(tuple(get_module(model, name).weight.shape), cfg.rank, seed, f"{key}/{name}")
+        factors[name] = (A.to(dev).requires_grad_(), B.to(dev).requires_grad_())
+    opt = torch.optim.AdamW([p for ab in factors.values() for p in ab], lr=cfg.lr, weight_decay=0.0)
+    scale = cfg.alpha / cfg.rank
+    n_ans = [int((lab[:, 1:] != -100).sum()) for _, _, lab in steps]
+    with torch.no_grad():
+        base_nll = sum(answer_loss(model, *st, plain=plain).item() * n for st, n in zip(steps, n_ans))
+    with lora_hooks(model, factors, scale), torch.enable_grad():
+        for _ in range(cfg.epochs):
+            last = 0.0
+            for st, n in zip(steps, n_ans):
+                loss = answer_loss(model, *st, plain=plain)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last += loss.item() * n
+                if on_step is not None:
+                    on_step()
+    prompt_tokens = sum(int(m.sum()) for _, m, _ in steps) - sum(n_ans)
+    meta_cfg = TrainConfig(rank=cfg.rank, alpha=cfg.alpha, lr=cfg.lr, epochs=cfg.epochs)
+    stats = TrainStats(loss=last / sum(n_ans), passage_ppl=math.exp(base_nll / sum(n_ans)),
+                       passage_tokens=round(prompt_tokens / len(examples)))
+    return _result(factors, scale, meta_cfg, seed, base_model), stats

@@ -48,7 +48,7 @@ def _fact_from_row(row: dict, where: str) -> Fact:
                 tuple(answers), passage)
 
 
-def _read_rows(path: Path) -> Iterable[tuple[int, dict]]:
+def read_rows(path: Path) -> Iterable[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".csv"):
         with path.open(newline="", encoding="utf-8") as f:
@@ -75,7 +75,7 @@ def load_file(path: str | Path) -> list[Fact]:
     path = Path(path)
     if not path.exists():
         raise MergeabilityError(f"{path}: no such dataset file")
-    facts = [_fact_from_row(row, f"{path}, row {i}") for i, row in _read_rows(path)]
+    facts = [_fact_from_row(row, f"{path}, row {i}") for i, row in read_rows(path)]
     if not facts:
         raise MergeabilityError(f"{path}: the file has no rows")
     return facts

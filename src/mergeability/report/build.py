@@ -50,6 +50,10 @@ def build_report(run_dir: Path) -> tuple[Path, list[Verdict]]:
     """Write figures/, report.html and report.md into the run directory; return the HTML path and the claims."""
 
     run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists() and "pool:" in (run_dir / "config.yaml").read_text():
+        from mergeability.report.tasks import build_task_report
+
+        return build_task_report(run_dir)
     cfg, store, sc = open_run(run_dir)
     data = load_features(store, sc)
     figdir = run_dir / "figures"
@@ -84,8 +88,10 @@ def build_report(run_dir: Path) -> tuple[Path, list[Verdict]]:
     summary = _summary(store, cfg, sc)
     provenance = store.get_meta("provenance") or {}
     store.close()
-    html_path = _write_html(run_dir, cfg, provenance, summary, tables, figures, claims)
-    _write_md(run_dir, cfg, provenance, summary, tables, figures, claims)
+    settings = [["method", cfg.method], ["method parameters", str(cfg.method_params)], ["M (trials)", str(cfg.trials)],
+                ["N (partners)", str(cfg.partners)], ["dataset", cfg.dataset]]
+    html_path = write_html(run_dir, provenance, settings, summary, tables, figures, claims)
+    write_md(run_dir, provenance, settings, summary, tables, figures, claims)
     return html_path, claims
 
 
@@ -115,17 +121,14 @@ def _html_table(t: Table) -> str:
     return f"<h3>{html.escape(t.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _write_html(run_dir, cfg, prov, summary, tables, figures, claims) -> Path:
+def write_html(run_dir, prov, settings, summary, tables, figures, claims) -> Path:
     css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
            "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
            "font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%}.supported{color:#1a7f37}"
            ".contradicted{color:#b42318}.inconclusive{color:#8a6d00}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>mergeability report: {html.escape(run_dir.name)}"
              f"</title><style>{css}</style></head><body><h1>Mergeability report: {html.escape(run_dir.name)}</h1>"]
-    parts.append(_html_table(Table("Provenance", ["key", "value"], [[k, str(v)] for k, v in prov.items()]
-                                   + [["method", cfg.method], ["method parameters", str(cfg.method_params)],
-                                      ["M (trials)", str(cfg.trials)], ["N (partners)", str(cfg.partners)],
-                                      ["dataset", cfg.dataset]])))
+    parts.append(_html_table(Table("Provenance", ["key", "value"], [[k, str(v)] for k, v in prov.items()] + settings)))
     parts.append(_html_table(Table("Summary", ["", "value"], summary)))
     parts.append("<h2>Claims</h2><p>" + html.escape(RULES) + "</p>")
     parts.append("<table><thead><tr><th>claim (paper)</th><th>measured</th><th>CI / p-value</th><th>verdict</th>"
@@ -150,10 +153,9 @@ def _md_table(columns, rows) -> str:
                      + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]) + "\n"
 
 
-def _write_md(run_dir, cfg, prov, summary, tables, figures, claims) -> Path:
+def write_md(run_dir, prov, settings, summary, tables, figures, claims) -> Path:
     parts = [f"# Mergeability report: {run_dir.name}\n", "## Provenance\n",
-             _md_table(["key", "value"], [[k, v] for k, v in prov.items()]
-                       + [["method", cfg.method], ["M", cfg.trials], ["N", cfg.partners], ["dataset", cfg.dataset]]),
+             _md_table(["key", "value"], [[k, v] for k, v in prov.items()] + settings),
              "## Summary\n", _md_table(["", "value"], summary), "## Claims\n", RULES + "\n\n",
              _md_table(["claim (paper)", "measured", "CI / p-value", "verdict"],
                        [[c.claim, c.measured, c.evidence, f"**{c.verdict}**"] for c in claims]),

@@ -70,3 +70,30 @@ def lines_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], pat
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)
     return _save(fig, path)
+
+
+def scatter_figure(x: Sequence[float], y: Sequence[float], path: Path, title: str, xlabel: str, ylabel: str,
+                   labels: Sequence[str] | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(x, y, color="#3b6ea5")
+    for xi, yi, lab in zip(x, y, labels or []):
+        ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def grouped_bars_figure(groups: Sequence[str], series: dict[str, Sequence[float]], path: Path, title: str,
+                        ylabel: str) -> Path:
+    """One group of bars per x label (e.g. per task: base, fine-tuned, averaged, weighted)."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 3.8))
+    x = np.arange(len(groups))
+    w = 0.8 / max(len(series), 1)
+    for k, (label, ys) in enumerate(series.items()):
+        ax.bar(x + (k - (len(series) - 1) / 2) * w, ys, w, label=label)
+    ax.set_xticks(x, groups, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
+    return _save(fig, path)

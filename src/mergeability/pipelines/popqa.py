@@ -232,7 +232,7 @@ def open_run_dir(run_dir: Path, *, lock: bool = True):
     run_dir = Path(run_dir)
     if not (run_dir / "results.sqlite").exists() or not (run_dir / "config.yaml").exists():
         raise MergeabilityError(f"{run_dir} is not a run directory: it has no results.sqlite and config.yaml")
-    return load_config(run_dir / "config.yaml"), Store(run_dir / "results.sqlite", lock=lock)
+    return load_config(run_dir / "config.yaml", cls=None), Store(run_dir / "results.sqlite", lock=lock)
 
 
 def scores(store, key: str, pool, trials: int, first: int = 0, complete: bool = False) -> dict[str, float]:

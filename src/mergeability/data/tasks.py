@@ -1,0 +1,185 @@
+"""Task-level data (Lots-of-LoRAs layout): instruction tasks with train/valid/test splits, and task pools.
+
+A task's rows are {"id", "input", "output"}: `input` is the whole prompt (definition, examples, instance),
+`output` a list of accepted references (a single string is taken as a one-item list).
+
+A pool pairs tasks with adapters. Locally it is a directory
+
+    POOL/datasets/task{NNN}_{slug}/{train,valid,test}.{jsonl,parquet}
+    POOL/adapters/<any name ending in task{N}>/      (PEFT adapter directories; optional)
+
+and on the hub it is the Lots-of-LoRAs organisation. Adapters and datasets are matched by task number, since
+the zero-padding of the numbers differs between them (`…-task1` vs `task001_…`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from mergeability.errors import MergeabilityError
+
+SPLITS = ("train", "valid", "test")
+HUB_ORG = "Lots-of-LoRAs"
+HUB_ADAPTER = re.compile(r"^Mistral-7B-Instruct-v0\.2-4b-r16-task(\d+)$")
+_NUMBER = re.compile(r"task0*(\d+)(?:_|$)")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    input: str
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class Task:
+    name: str  # e.g. task001_country_capital
+    splits: dict[str, list[Example]]
+    adapter: Path | None = None  # a PEFT adapter directory trained for this task, if the pool has one
+    meta: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> list[Example]:
+        rows = self.splits.get(name) or []
+        if not rows:
+            raise MergeabilityError(f"task {self.name} has no {name} split: add {name}.jsonl (or .parquet) to it")
+        return rows
+
+
+def task_number(name: str) -> int | None:
+    """The N of 'task{N}' in a dataset or adapter name, whatever its zero-padding."""
+    m = _NUMBER.search(name.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def match_adapters(datasets: Sequence[str], adapters: Sequence[str]) -> dict[str, str]:
+    """Dataset name → adapter name, by task number. Two adapters for one number is an error."""
+    by_number: dict[int, str] = {}
+    for a in adapters:
+        n = task_number(a)
+        if n is None:
+            continue
+        if n in by_number:
+            raise MergeabilityError(f"two adapters for task {n}: {by_number[n]} and {a}; keep one")
+        by_number[n] = a
+    out = {}
+    for d in datasets:
+        n = task_number(d)
+        if n is not None and n in by_number:
+            out[d] = by_number[n]
+    return out
+
+
+def _example(row: dict, where: str, i: int) -> Example:
+    for col in ("input", "output"):
+        if col not in row or row[col] is None:
+            raise MergeabilityError(f"{where}, row {i}: missing column {col!r} (a task row needs input and output)")
+    if not isinstance(row["input"], str) or not row["input"].strip():
+        raise MergeabilityError(f"{where}, row {i}, column 'input': must be a non-empty string")
+    out = row["output"]
+    if isinstance(out, str):
+        out = [out]
+    out = list(out) if not isinstance(out, (str, bytes)) and hasattr(out, "__iter__") else out
+    if not isinstance(out, list) or not out or not all(isinstance(o, str) for o in out):
+        raise MergeabilityError(f"{where}, row {i}, column 'output': must be a string or a non-empty list of strings")
+    return Example(str(row.get("id") or f"{i}"), row["input"], tuple(out))
+
+
+def read_split(path: Path) -> list[Example]:
+    from mergeability.data.facts import read_rows
+
+    rows = [_example(r, str(path), i) for i, r in read_rows(path)]
+    if not rows:
+        raise MergeabilityError(f"{path}: the file has no rows")
+    return rows
+
+
+def load_task_dir(path: Path) -> Task:
+    """One task from a directory of split files; missing splits are left empty (checked where they are used)."""
+    splits = {}
+    for s in SPLITS:
+        files = [p for p in (path / f"{s}.jsonl", path / f"{s}.parquet") if p.exists()]
+        if files:
+            splits[s] = read_split(files[0])
+    if not splits:
+        raise MergeabilityError(f"{path}: no split files: a task needs train/valid/test .jsonl or .parquet files")
+    return Task(path.name, splits)
+
+
+def load_local_pool(root: str | Path, tasks: Sequence[str] | None = None) -> list[Task]:
+    """Tasks of a local pool directory, each with its adapter when the pool has one."""
+    root = Path(root)
+    ddir = root / "datasets"
+    if not ddir.is_dir():
+        raise MergeabilityError(f"{root} is not a task pool: it has no datasets/ directory (see docs/tasks.md)")
+    names = sorted(p.name for p in ddir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = _select(names, tasks, str(root))
+    adir = root / "adapters"
+    adapters = sorted(p.name for p in adir.iterdir() if p.is_dir()) if adir.is_dir() else []
+    pairs = match_adapters(names, adapters)
+    out = []
+    for n in names:
+        t = load_task_dir(ddir / n)
+        t.adapter = adir / pairs[n] if n in pairs else None
+        out.append(t)
+    return out
+
+
+def _select(names: list[str], wanted: Sequence[str] | None, where: str) -> list[str]:
+    if not names:
+        raise MergeabilityError(f"{where}: the pool has no tasks")
+    if not wanted:
+        return names
+    by_number = {task_number(n): n for n in names}
+    out = []
+    for w in wanted:
+        hit = w if w in names else by_number.get(task_number(w))
+        if hit is None:
+            raise MergeabilityError(f"{where}: no task {w!r} in the pool")
+        out.append(hit)
+    return out
+
+
+def load_hub_pool(tasks: Sequence[str] | None = None, org: str = HUB_ORG) -> list[Task]:
+    """Lots-of-LoRAs from the Hugging Face hub: list the organisation, match adapters to datasets by number,
+    download both. Needs network, `huggingface_hub` and `datasets`."""
+    try:
+        import datasets
+        from huggingface_hub import HfApi, snapshot_download
+    except ImportError:
+        raise MergeabilityError("hub task pools need huggingface_hub and datasets: pip install 'mergeability[hub]'") from None
+    try:
+        api = HfApi()
+        adapters = [m.id.split("/", 1)[1] for m in api.list_models(author=org)]
+        names = sorted(d.id.split("/", 1)[1] for d in api.list_datasets(author=org))
+    except Exception as e:  # offline, rate-limited, …: one line is what the user needs
+        raise MergeabilityError(f"cannot list {org} on the hub: {str(e).splitlines()[0]}") from None
+    adapters = [a for a in adapters if HUB_ADAPTER.match(a)]
+    names = _select([n for n in names if task_number(n) is not None], tasks, org)
+    pairs = match_adapters(names, adapters)
+    out = []
+    for n in names:
+        try:
+            ds = datasets.load_dataset(f"{org}/{n}")
+            adapter = Path(snapshot_download(f"{org}/{pairs[n]}")) if n in pairs else None
+        except Exception as e:
+            raise MergeabilityError(f"cannot load {org}/{n} from the hub: {str(e).splitlines()[0]}") from None
+        splits = {s: [_example(r, f"{org}/{n} [{s}]", i) for i, r in enumerate(ds[s], start=1)]
+                  for s in SPLITS if s in ds}
+        out.append(Task(n, splits, adapter))
+    return out
+
+
+def load_pool(pool: str, tasks: Sequence[str] | None = None, *, seed: int = 0, sizes: Mapping[str, int] | None = None) -> list[Task]:
+    """'bundled' (the offline suite), 'hub' (Lots-of-LoRAs), or a local pool directory."""
+    if pool == "bundled":
+        from mergeability.data.suite import build_suite
+
+        return build_suite(tasks, seed=seed, **(sizes or {}))
+    if pool == "hub":
+        return load_hub_pool(tasks)
+    if not Path(pool).exists():
+        raise MergeabilityError(f"unknown task pool {pool!r}: use bundled, hub, or a pool directory")
+    return load_local_pool(pool, tasks)

@@ -1,0 +1,182 @@
+"""Task-level pieces: pool layout and name resolution, schema errors, exact match, generation and task training
+against their plain references."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import random_update
+from mergeability import MergeabilityError
+from mergeability.data.tasks import Example, load_local_pool, match_adapters, read_split, task_number
+
+
+def test_task_numbers_match_whatever_the_padding():
+    assert task_number("task001_country_capital") == 1
+    assert task_number("Lots-of-LoRAs/Mistral-7B-Instruct-v0.2-4b-r16-task1") == 1
+    assert task_number("Mistral-7B-Instruct-v0.2-4b-r16-task022") == 22
+    assert task_number("task1391_winogrande_easy_answer_generation") == 1391
+    assert task_number("no-number-here") is None
+    adapters = ["Mistral-7B-Instruct-v0.2-4b-r16-task1", "Mistral-7B-Instruct-v0.2-4b-r16-task022",
+                "Mistral-7B-Instruct-v0.2-4b-r16-task1391"]
+    pairs = match_adapters(["task001_a", "task22_b", "task1391_c", "task7_d"], adapters)
+    assert pairs == {"task001_a": adapters[0], "task22_b": adapters[1], "task1391_c": adapters[2]}
+    with pytest.raises(MergeabilityError, match="two adapters for task 1"):
+        match_adapters(["task001_a"], ["x-task1", "y-task001"])
+
+
+def write_split(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_local_pool_pairs_adapters_and_reads_parquet(tmp_path):
+    import pandas as pd
+
+    from mergeability.updates import save_update
+
+    root = tmp_path / "pool"
+    for name in ("task001_x", "task22_y"):
+        write_split(root / "datasets" / name / "test.jsonl", [{"id": "a", "input": "w1 w2", "output": ["w3", "w4"]}])
+    pd.DataFrame([{"id": "p", "input": "w5", "output": ["w6"]}]).to_parquet(root / "datasets" / "task22_y" / "train.parquet")
+    save_update(random_update({"model.layers.0.self_attn.q_proj": (32, 32)}, 2, base="tiny"),
+                root / "adapters" / "Mistral-7B-Instruct-v0.2-4b-r16-task022")
+    pool = load_local_pool(root)
+    assert [t.name for t in pool] == ["task001_x", "task22_y"]
+    assert pool[0].adapter is None and pool[1].adapter.name.endswith("task022")
+    assert pool[0].split("test")[0] == Example("a", "w1 w2", ("w3", "w4"))
+    assert pool[1].split("train")[0].outputs == ("w6",)
+    with pytest.raises(MergeabilityError, match="task001_x has no train split"):
+        pool[0].split("train")
+    assert [t.name for t in load_local_pool(root, ["task22"])] == ["task22_y"]
+    with pytest.raises(MergeabilityError, match="no task 'task9'"):
+        load_local_pool(root, ["task9"])
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"id": "a", "output": ["x"]}, "row 2: missing column 'input'"),
+    ({"id": "a", "input": "q"}, "row 2: missing column 'output'"),
+    ({"id": "a", "input": "q", "output": [1, 2]}, "row 2, column 'output'"),
+    ({"id": "a", "input": "", "output": "x"}, "row 2, column 'input'"),
+])
+def test_split_schema_errors_name_file_row_and_column(tmp_path, row, message):
+    p = tmp_path / "test.jsonl"
+    write_split(p, [{"id": "ok", "input": "q", "output": "x"}, row])
+    with pytest.raises(MergeabilityError, match=message) as e:
+        read_split(p)
+    assert str(p) in str(e.value)
+
+
+def test_bundled_suite_is_deterministic_with_disjoint_splits():
+    from mergeability.data.suite import TASKS, build_suite
+
+    suite = build_suite(seed=3)
+    assert len(suite) == len(TASKS) >= 12
+    again = build_suite(seed=3)
+    for t, u in zip(suite, again):
+        assert t.splits == u.splits
+        inputs = [e.input for s in ("train", "valid", "test") for e in t.split(s)]
+        assert len(set(inputs)) == len(inputs)  # no instance in two splits
+        assert all(e.input.endswith("Output:") and e.outputs[0] for e in t.split("test"))
+    assert build_suite(seed=4)[0].splits != suite[0].splits
+
+
+def test_exact_match_normalisation():
+    from mergeability.exact_match import exact_match, normalize_answer
+
+    assert normalize_answer("  Paris. ") == "paris"
+    assert exact_match("PARIS", ["Lyon", "paris"])
+    assert exact_match('"forty-two"', ["forty-two"])
+    assert exact_match("a", ["A"]) and not exact_match("a", ["an"])  # articles are content here
+    assert not exact_match("Paris France", ["Paris"])
+    assert exact_match("new  york", ["New York"])
+
+
+def greedy_reference(model, ids, n, stop):
+    """The obvious greedy decoder: full forward each step, no cache, no padding; stops after a stop token."""
+    ids = torch.tensor([ids])
+    for _ in range(n):
+        nxt = model(ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+        if nxt.item() in stop:
+            break
+    return ids[0].tolist()
+
+
+def test_batched_generation_matches_plain_greedy(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeability.exact_match import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [" ".join(f"w{(7 * i + j) % 120}" for j in range(3 + i % 5)) for i in range(9)]  # ragged lengths
+    batched = generate(model, tok, prompts, max_new_tokens=4, batch_size=4)
+    with torch.no_grad():
+        for p, got in zip(prompts, batched):
+            ids = tok(p).input_ids
+            ref = tok.decode(greedy_reference(model, ids, 4, {tok.eos_token_id})[len(ids):], skip_special_tokens=True)
+            assert got == ref.split("\n")[0].strip()
+
+
+def test_evaluate_task_with_update_equals_weights_added(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeability.exact_match import evaluate_task, generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    upd = random_update({"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.1.mlp.up_proj": (64, 32)}, 4,
+                        scale=1.0, dtype=torch.float32)
+    prompts = [f"w{i} w{i + 1} w{i + 2}" for i in range(6)]
+    with torch.no_grad():
+        for name, m in upd.modules.items():
+            model.get_submodule(name).weight += m.delta()
+        want = generate(model, tok, prompts, max_new_tokens=2)
+        for name, m in upd.modules.items():
+            model.get_submodule(name).weight -= m.delta()
+    ex = [Example(str(i), p, (w,)) for i, (p, w) in enumerate(zip(prompts, want))]
+    acc, correct, preds = evaluate_task(model, tok, ex, upd, max_new_tokens=2)
+    assert preds == want and acc == 1.0
+    assert evaluate_task(model, tok, ex, max_new_tokens=2)[2] == generate(model, tok, prompts, max_new_tokens=2)
+
+
+def test_too_long_prompt_is_an_error_not_a_truncation(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeability.exact_match import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(MergeabilityError, match="exceeds the model's context of 64"):
+        generate(model, tok, [" ".join(["w1"] * 70)], max_new_tokens=2)
+
+
+def test_task_training_fast_loss_matches_full_logits_training(tiny_model_dir):
+    """Head-only-on-answers training gives the same ΔW as HF's full-logits loss (1e-4 relative)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeability.training import TaskTrainConfig, answer_loss, task_batches, train_task_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # a shared prompt prefix (the fast route runs it once per batch) and ragged lengths (padding)
+    ex = [Example(str(i), f"w20 w21 w22 w{i} w{i + 3}" + " w9" * (i % 3), (f"w{60 + i % 4} w{70 + i % 3}",))
+          for i in range(10)]
+    from mergeability.training import shared_prefix
+
+    batches = task_batches(tok, ex, 4)
+    assert shared_prefix(batches[0][0], batches[0][2]) == 3
+    for batch in batches:
+        assert torch.allclose(answer_loss(model, *batch), answer_loss(model, *batch, plain=True), atol=1e-6)
+    mods = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    cfg = TaskTrainConfig(rank=4, alpha=8, lr=1e-2, epochs=3, batch_size=4)
+    fast, fs = train_task_lora(model, tok, ex, mods, cfg, seed=0, key="t")
+    plain, ps = train_task_lora(model, tok, ex, mods, cfg, seed=0, key="t", plain=True)
+    for name in mods:
+        a, b = fast.delta(name), plain.delta(name)
+        assert a.norm() > 0
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
+    assert abs(fs.loss - ps.loss) < 1e-4 and fs.loss < ps.passage_ppl  # it learned: loss below log-ppl start
