@@ -13,3 +13,4 @@ bench: venv
 	.venv/bin/python benchmarks/bench_merge.py
 	.venv/bin/python benchmarks/bench_trials.py
 	.venv/bin/python benchmarks/bench_train.py
+	.venv/bin/python benchmarks/bench_tasks.py

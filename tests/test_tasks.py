@@ -110,8 +110,14 @@ def test_batched_generation_matches_plain_greedy(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shared = " ".join(f"w{j}" for j in range(30, 40))  # a task's definition: run once per batch
     prompts = [" ".join(f"w{(7 * i + j) % 120}" for j in range(3 + i % 5)) for i in range(9)]  # ragged lengths
+    prompts += [shared + " " + p for p in prompts]
+    from mergeability.exact_match import common_prefix
+
+    assert common_prefix([tok(p).input_ids for p in prompts[9:]]) >= 10
     batched = generate(model, tok, prompts, max_new_tokens=4, batch_size=4)
+    assert batched[9:] == generate(model, tok, prompts[9:], max_new_tokens=4, batch_size=9)
     with torch.no_grad():
         for p, got in zip(prompts, batched):
             ids = tok(p).input_ids
@@ -180,3 +186,40 @@ def test_task_training_fast_loss_matches_full_logits_training(tiny_model_dir):
         assert a.norm() > 0
         assert ((a - b).norm() / b.norm()).item() < 1e-4
     assert abs(fs.loss - ps.loss) < 1e-4 and fs.loss < ps.passage_ppl  # it learned: loss below log-ppl start
+
+
+def test_hub_pool_lists_the_org_and_pairs_by_number(tmp_path, monkeypatch):
+    """The hub path, with the hub replaced by local files: listing, filtering, padding-blind pairing, splits."""
+    import sys
+    import types
+
+    import huggingface_hub
+
+    from mergeability.data.tasks import load_hub_pool
+
+    datasets_dir = tmp_path / "hub"
+    for name in ("task001_alpha", "task1391_beta"):
+        for split in ("train", "test"):
+            write_split(datasets_dir / name / f"{split}.jsonl",
+                        [{"id": f"{name}-{split}", "input": "Q", "output": ["A", "a."]}])
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    ids = lambda names: [types.SimpleNamespace(id=f"Lots-of-LoRAs/{n}") for n in names]  # noqa: E731
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_models", lambda self, author: ids(
+        ["Mistral-7B-Instruct-v0.2-4b-r16-task1", "Mistral-7B-Instruct-v0.2-4b-r16-task1391", "something-else"]))
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_datasets", lambda self, author: ids(
+        ["task001_alpha", "task1391_beta", "README"]))
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: downloads.append(repo) or str(adapter_dir))
+
+    def load_dataset(name):
+        local = datasets_dir / name.split("/", 1)[1]
+        return {p.stem: [json.loads(x) for x in p.read_text().splitlines()] for p in local.glob("*.jsonl")}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    pool = load_hub_pool()
+    assert [t.name for t in pool] == ["task001_alpha", "task1391_beta"]
+    assert downloads == ["Lots-of-LoRAs/Mistral-7B-Instruct-v0.2-4b-r16-task1",
+                         "Lots-of-LoRAs/Mistral-7B-Instruct-v0.2-4b-r16-task1391"]
+    assert pool[1].split("test")[0].outputs == ("A", "a.") and "valid" not in pool[1].splits
+    assert [t.name for t in load_hub_pool(["task1391"])] == ["task1391_beta"]

@@ -176,10 +176,14 @@ def run_popqa_cmd(
     method: Annotated[Optional[str], typer.Option(help="Merge method: knots | ties | mean | task_arithmetic.")] = None,
     layer: Annotated[Optional[int], typer.Option(help="Decoder layer to adapt (default: the middle one).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    update: Annotated[Optional[str], typer.Option(help="lora (default) | full: dense ΔW of the target modules (A.8).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
     engine: Annotated[Optional[str], typer.Option(help="fast (default) | plain: the obvious path, for checking.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Where trials run: local (default) | ray.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: one per GPU, or per CPU).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")] = False,
 ) -> None:
     """Example-level mergeability (paper §2, §3.1): screen, train one LoRA per wrong item, score by merging."""
@@ -190,7 +194,8 @@ def run_popqa_cmd(
         config = out / "config.yaml"
     cfg = load_config(config, preset).replace(
         model=model, dataset=dataset, items=items, trials=trials, partners=partners, method=method, layer=layer,
-        rank=rank, device=device, dtype=dtype, seed=seed, engine=engine,
+        rank=rank, update=update, device=device, dtype=dtype, seed=seed, engine=engine, backend=backend, ray_address=ray_address,
+        workers=workers,
         relations=[r.strip() for r in relations.split(",") if r.strip()] if relations else None,
     )
     run_popqa(cfg, out, resume=resume, console=console)
@@ -215,6 +220,9 @@ def run_tasks_cmd(
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Where trials run: local (default) | ray.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: one per GPU, or per CPU).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")] = False,
 ) -> None:
     """Task-level mergeability (paper §3.2): base and fine-tuned accuracy per task, threshold, score by merging."""
@@ -228,7 +236,8 @@ def run_tasks_cmd(
         preset = "bundled"
     cfg = load_config(config, preset, cls=TaskConfig).replace(
         pool=pool, model=model, threshold=threshold, trials=trials, partners=partners, method=method, rank=rank,
-        max_test=max_test, device=device, dtype=dtype, seed=seed,
+        max_test=max_test, device=device, dtype=dtype, seed=seed, backend=backend, ray_address=ray_address,
+        workers=workers,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
     )
     run_tasks(cfg, out, resume=resume, console=console)
@@ -263,6 +272,9 @@ def experiment(
     temperature: Annotated[float, typer.Option(help="weighted: T of softmax((1 - acc)/T) for every method.")] = 0.5,
     sweep: Annotated[str, typer.Option(help="weighted: other T values, tried with the mean merge.")] = "0.1,0.25,1,2",
     methods: Annotated[str, typer.Option(help="weighted: merge methods to weight.")] = "mean,ties,knots",
+    backend: Annotated[Optional[str], typer.Option(help="Where trials run: local (default) | ray.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: one per GPU, or per CPU).")] = None,
 ) -> None:
     """Run one of the paper's follow-up experiments on a run's updates (resumable), then refresh its report."""
     from mergeability.experiments import run_experiment
@@ -279,7 +291,8 @@ def experiment(
                             sweep=tuple(_floats(sweep, "--sweep")), methods=ms)
         run_weighted(run_dir, spec, console)
     else:
-        run_experiment(name, run_dir, console)
+        overrides = {"backend": backend, "ray_address": ray_address, "workers": workers}
+        run_experiment(name, run_dir, console, {k: v for k, v in overrides.items() if v is not None})
     html_path, _ = build_report(run_dir)
     console.print(f"experiment {name} recorded in {run_dir / 'results.sqlite'}; report refreshed: {html_path}")
 

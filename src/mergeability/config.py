@@ -23,6 +23,9 @@ class RunConfig:
     engine: str = "fast"  # fast (activation cache, batched low-rank rows) | plain (the obvious path, for checking)
     batch_rows: int = 8  # (item, update) rows per engine forward pass
     train_batch: int = 4  # passages trained together by the fast engine (1 = one at a time)
+    backend: str = "local"  # where trials run: local (this process) | ray (actors holding the model; results identical)
+    ray_address: str | None = None  # join this Ray cluster; None = start a local one
+    workers: int | None = None  # Ray actors; None = one per GPU, or one per `threads` CPUs
     # data
     dataset: str = "geo"  # geo | popqa | path to a .tsv/.jsonl/.parquet file in the PopQA schema
     relations: list[str] | None = None  # None = all relations of the dataset
@@ -38,6 +41,8 @@ class RunConfig:
     alpha: float = 128.0
     lr: float = 4e-3
     epochs: int = 10
+    update: str = "lora"  # lora | full: a dense ΔW of the target modules (paper A.8; merge with ties or mean)
+    full_lr: float = 1e-4  # AdamW lr of full updates (every entry moves, so far smaller than LoRA's)
     # mergeability estimation
     trials: int = 5  # M
     partners: int = 10  # N
@@ -78,6 +83,9 @@ class TaskConfig:
     max_test: int | None = None  # evaluate on at most this many test examples per task (None = all)
     eval_batch: int = 32  # prompts per generation batch
     max_new_tokens: int | None = None  # generation budget; None = the longest reference + 4 tokens
+    backend: str = "local"  # where trials run: local | ray
+    ray_address: str | None = None
+    workers: int | None = None
     threshold: float = 0.9  # keep tasks whose fine-tuned accuracy is at least this (paper §3.2)
     sweep: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25, 0.0])  # other thresholds (A.16-A.19)
     # task LoRA, for tasks the pool has no adapter for (Lots-of-LoRAs: r = 16 on q/k/v of every layer)

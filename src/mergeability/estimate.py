@@ -42,6 +42,14 @@ def params_key(method: str, params: Mapping) -> str:
     return json.dumps({"method": method, **params}, sort_keys=True)
 
 
+def trial_chunk(evaluate, updates: Mapping[str, Update], payload) -> list:
+    """One job: merge each trial of a chunk, then evaluate the chunk in one batch."""
+    method, params, batch = payload
+    merger = get_method(method, **params)
+    merged = [merger.merge([updates[t.target], *(updates[p] for p in t.partners)]) for t in batch]
+    return list(evaluate(batch, merged))
+
+
 def run_trials(
     plan: Sequence[Trial],
     updates: Mapping[str, Update],
@@ -51,19 +59,22 @@ def run_trials(
     record: Callable[[Trial, object], None],
     done: set[tuple[str, int]] = frozenset(),
     chunk: int = 8,
+    pool=None,
 ) -> None:
     """Merge and evaluate every planned trial not in `done`, `chunk` at a time (one batched evaluation each);
-    `record` stores each result as it comes, so a kill loses at most one chunk.
+    `record` stores each result as it comes, so a kill loses at most the chunks in flight.
 
-    Chunks are fixed slices of the whole plan, so a resumed run evaluates a half-recorded chunk in the same
-    batch as an uninterrupted run would: results are bit-identical whatever point the run was killed at.
+    Chunks are fixed slices of the whole plan, so a resumed run, or a run on another backend, evaluates every
+    chunk in the same batch as an uninterrupted local run: results are bit-identical. `pool` (see `backends`)
+    runs the chunks elsewhere, with its own evaluator; by default they run here with `evaluate`.
     """
-    merger = get_method(method, **params)
-    for s in range(0, len(plan), chunk):
-        batch = list(plan[s : s + chunk])
-        if all((t.target, t.trial) in done for t in batch):
-            continue
-        merged = [merger.merge([updates[t.target], *(updates[p] for p in t.partners)]) for t in batch]
-        for t, result in zip(batch, evaluate(batch, merged)):
+    from mergeability.backends import LocalPool
+
+    get_method(method, **params)  # a bad method fails here, not in a worker
+    pool = pool or LocalPool(evaluate, updates)
+    chunks = [list(plan[s : s + chunk]) for s in range(0, len(plan), chunk)]
+    todo = [c for c in chunks if not all((t.target, t.trial) in done for t in c)]
+    for i, results in pool.map(trial_chunk, [(method, dict(params), c) for c in todo]):
+        for t, result in zip(todo[i], results):
             if (t.target, t.trial) not in done:
                 record(t, result)

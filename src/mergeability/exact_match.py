@@ -51,9 +51,24 @@ def answer_budget(tokenizer, examples: Sequence[Example], extra: int = 4, cap: i
     return min(cap, longest + extra)
 
 
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one token of its own."""
+    n = min(len(x) for x in seqs) - 1
+    first = seqs[0]
+    for i in range(n):
+        if any(x[i] != first[i] for x in seqs):
+            return i
+    return max(n, 0)
+
+
+MIN_SHARED = 8  # below this a shared-prefix pass costs more than it saves
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy continuations, cut at the first newline. Prompts are batched by length, left-padded."""
+    """Greedy continuations, cut at the first newline. Prompts are batched by length; the prompt prefix a batch
+    shares (a task's definition and examples) is run once and its keys/values broadcast to every row, which
+    is laid out as [shared prefix | padding | own tokens]."""
     enc = [tokenizer(p).input_ids for p in prompts]
     limit = getattr(model.config, "max_position_embeddings", None)
     for p, ids in zip(prompts, enc):
@@ -66,15 +81,29 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     out: list[str] = [""] * len(enc)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
+        P = common_prefix([enc[i] for i in idx]) if len(idx) > 1 else 0
+        P = P if P >= MIN_SHARED else 0
         T = max(len(enc[i]) for i in idx)
         ids = torch.full((len(idx), T), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), T), dtype=torch.long)
+        ids[:, :P] = torch.tensor(enc[idx[0]][:P])
+        mask[:, :P] = 1
         for b, i in enumerate(idx):
-            ids[b, T - len(enc[i]) :] = torch.tensor(enc[i])
-            mask[b, T - len(enc[i]) :] = 1
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop_ids(tokenizer), pad_token_id=pad,
-                             num_beams=1, temperature=None, top_p=None, top_k=None)
+            own = enc[i][P:]
+            ids[b, T - len(own) :] = torch.tensor(own)
+            mask[b, T - len(own) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        extra = {}
+        if P:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            model(input_ids=ids[:1, :P], past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(len(idx))
+            extra["past_key_values"] = cache
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop_ids(tokenizer), pad_token_id=pad, num_beams=1, temperature=None,
+                             top_p=None, top_k=None, **extra)
         for b, i in enumerate(idx):
             text = tokenizer.decode(gen[b, T:], skip_special_tokens=True)
             out[i] = text.split("\n", 1)[0].strip()

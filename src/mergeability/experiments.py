@@ -22,7 +22,7 @@ REPEATS = 3  # random draws per setting of locality and groups
 OTHER_METHODS = ("ties", "mean")
 
 
-def _context(run_dir: Path):
+def _context(run_dir: Path, overrides: dict):
     """Config, prepared model/scorer, store, kept updates and items of a run."""
     from mergeability.pipelines import open_run_dir, prepare_popqa
     from mergeability.updates import load_update
@@ -36,6 +36,7 @@ def _context(run_dir: Path):
     kept = store.rows("SELECT item_id, path FROM updates WHERE kept = 1 ORDER BY item_id")
     if len(kept) <= cfg.partners:
         raise MergeabilityError(f"{run_dir} has {len(kept)} kept updates: finish the run first (--resume)")
+    cfg = cfg.replace(**overrides)
     prep = prepare_popqa(cfg)
     by_id = {it.id: it for it in prep.items}
     updates = {r["item_id"]: load_update(run_dir / r["path"]) for r in kept if r["item_id"] in by_id}
@@ -43,7 +44,7 @@ def _context(run_dir: Path):
 
 
 def _trials(cfg, prep, store, updates, by_id, method, params, trials, partners, console, label):
-    from mergeability.pipelines import _progress
+    from mergeability.pipelines import PopqaEvaluator, _progress, trial_pool
 
     pool = sorted(updates)
     plan = plan_trials(cfg.seed, pool, pool, trials, partners)
@@ -52,15 +53,14 @@ def _trials(cfg, prep, store, updates, by_id, method, params, trials, partners, 
     with _progress(console) as progress:
         task = progress.add_task(label, total=len(plan), completed=sum((p.target, p.trial) in done for p in plan))
 
-        def evaluate(batch, merged):
-            return prep.scorer.score([(by_id[t.target], m) for t, m in zip(batch, merged)])
-
         def record(t, s):
             store.add_trial(dict(target=t.target, trial=t.trial, method=method, params=key, partners=list(t.partners),
                                  correct=int(s.correct), probs=s.probs))
             progress.advance(task)
 
-        run_trials(plan, updates, method, params, evaluate, record, done, chunk=cfg.batch_rows)
+        evaluate = PopqaEvaluator.build(prep.scorer, prep.items)
+        with trial_pool(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
+            run_trials(plan, updates, method, params, evaluate, record, done, chunk=cfg.batch_rows, pool=workers)
 
 
 def _main_scores(cfg, store, updates) -> dict[str, float]:
@@ -124,28 +124,38 @@ def groups_units(cfg, sc: dict[str, float]) -> list[tuple[str, dict]]:
     return units
 
 
-def _run_units(name, units, cfg, prep, store, updates, by_id, console) -> None:
+def unit_job(evaluate, updates, payload) -> dict[str, int]:
+    """One merge-set evaluation: merge the members once, then score every member's item under the merge."""
+    from mergeability.estimate import Trial
     from mergeability.merging import get_method
-    from mergeability.pipelines import _progress
 
-    merger = get_method(cfg.method, **cfg.method_params)
+    method, params, members = payload
+    merged = get_method(method, **params).merge([updates[i] for i in members])
+    res = evaluate([Trial(i, 0, ()) for i in members], [merged] * len(members))
+    return {i: int(r.correct) for i, r in zip(members, res)}
+
+
+def _run_units(name, units, cfg, prep, store, updates, by_id, console) -> None:
+    from mergeability.pipelines import PopqaEvaluator, _progress, trial_pool
+
     done = store.experiment_rows(name)
+    todo = [(key, spec) for key, spec in units if key not in done]
     with _progress(console) as progress:
-        task = progress.add_task(name, total=len(units), completed=sum(k in done for k, _ in units))
-        for key, spec in units:
-            if key in done:
-                continue
-            merged = merger.merge([updates[i] for i in spec["merge"]])
-            res = prep.scorer.score([(by_id[i], merged) for i in spec["merge"]])
-            store.add_experiment(name, key, {"correct": {i: int(r.correct) for i, r in zip(spec["merge"], res)}})
-            progress.advance(task)
+        task = progress.add_task(name, total=len(units), completed=len(units) - len(todo))
+        evaluate = PopqaEvaluator.build(prep.scorer, prep.items)
+        with trial_pool(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
+            payloads = [(cfg.method, cfg.method_params, spec["merge"]) for _, spec in todo]
+            for i, correct in workers.map(unit_job, payloads):
+                store.add_experiment(name, todo[i][0], {"correct": correct})
+                progress.advance(task)
 
 
-def run_experiment(name: str, run_dir: Path, console: Console | None = None) -> None:
+def run_experiment(name: str, run_dir: Path, console: Console | None = None, overrides: dict | None = None) -> None:
+    """Run experiment `name` on a finished run; `overrides` change how it runs (backend, workers), not what."""
     if name not in NAMES:
         raise MergeabilityError(f"unknown experiment {name!r}: choose one of {', '.join(NAMES)}, or weighted")
     console = console or Console()
-    cfg, prep, store, updates, by_id = _context(run_dir)
+    cfg, prep, store, updates, by_id = _context(run_dir, overrides or {})
     ctx = (cfg, prep, store, updates, by_id)
     if name == "algorithms":  # §5.2, A.9: the same trials (same partners) under other merge methods
         for method in OTHER_METHODS:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mergeability.models import get_module
-from mergeability.updates import LowRank, Update
+from mergeability.updates import Dense, LowRank, Update
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class TrainConfig:
     lr: float = 4e-3  # AdamW learning rate, no weight decay
     epochs: int = 10  # passes over the passage; one AdamW step per sequence (line) of the passage
     max_tokens: int = 256  # longer lines are cut into windows of this many tokens
+    update: str = "lora"  # lora | full: a dense ΔW of each target module (paper A.8), zero-initialised
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,36 @@ def init_factors(shape: tuple[int, int], rank: int, seed: int, key: str) -> tupl
     return A, torch.zeros(out_f, rank)
 
 
+def init_params(model: nn.Module, modules: Sequence[str], cfg: "TrainConfig", seed: int, keys: Sequence[str],
+                batched: bool, device) -> dict[str, tuple[Tensor, ...]]:
+    """Trainable parameters per module: LoRA factors (A, B), or a dense ΔW (D,) for full updates; stacked over
+    `keys` (one row per update) when batched."""
+    out = {}
+    for name in modules:
+        shape = tuple(get_module(model, name).weight.shape)
+        if cfg.update == "full":
+            init = [(torch.zeros(shape),) for _ in keys]
+        else:
+            init = [init_factors(shape, cfg.rank, seed, f"{k}/{name}") for k in keys]
+        out[name] = tuple((torch.stack(ts) if batched else ts[0]).to(device).requires_grad_() for ts in zip(*init))
+    return out
+
+
 @contextlib.contextmanager
-def lora_hooks(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], scale: float) -> Iterator[None]:
+def lora_hooks(model: nn.Module, factors: dict[str, tuple[Tensor, ...]], scale: float) -> Iterator[None]:
     """Add scale · x Aᵀ Bᵀ to each module's output. Factors are (r, in)/(out, r), or batched per row
-    as (b, r, in)/(b, out, r)."""
+    as (b, r, in)/(b, out, r); a one-tensor entry (D,) is a dense ΔW, (out, in) or (b, out, in), added unscaled."""
     handles = []
 
-    def hook(A, B):
+    def hook(A, B=None):
+        if B is None:
+            return lambda mod, inp, out: out + (inp[0] @ A.T if A.dim() == 2 else torch.bmm(inp[0], A.transpose(1, 2)))
         if A.dim() == 2:
             return lambda mod, inp, out: out + scale * ((inp[0] @ A.T) @ B.T)
         return lambda mod, inp, out: out + scale * torch.bmm(torch.bmm(inp[0], A.transpose(1, 2)), B.transpose(1, 2))
 
-    for name, (A, B) in factors.items():
-        handles.append(get_module(model, name).register_forward_hook(hook(A, B)))
+    for name, f in factors.items():
+        handles.append(get_module(model, name).register_forward_hook(hook(*f)))
     try:
         yield
     finally:
@@ -86,12 +104,12 @@ def _adamw(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _result(factors, scale, cfg, seed, base_model, row=None) -> Update:
-    pick = (lambda t: t) if row is None else (lambda t: t[row])
-    return Update(
-        {n: LowRank(pick(A).detach().cpu().clone(), pick(B).detach().cpu().clone(), scale) for n, (A, B) in factors.items()},
-        base_model,
-        {"training": {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "epochs": cfg.epochs, "seed": seed}},
-    )
+    pick = (lambda t: t.detach().cpu().clone()) if row is None else (lambda t: t[row].detach().cpu().clone())
+    mods = {n: Dense(pick(f[0])) if len(f) == 1 else LowRank(pick(f[0]), pick(f[1]), scale) for n, f in factors.items()}
+    info = {"update": getattr(cfg, "update", "lora"), "lr": cfg.lr, "epochs": cfg.epochs, "seed": seed}
+    if info["update"] == "lora":
+        info.update(rank=cfg.rank, alpha=cfg.alpha)
+    return Update(mods, base_model, {"training": info})
 
 
 def train_lora(
@@ -108,11 +126,8 @@ def train_lora(
     """Train one LoRA update on a passage's sequences (each 1 × T): the cached route with an engine, else plain."""
     if engine is not None:
         return train_loras(engine, [sequences], [key], modules, cfg, seed=seed, base_model=base_model)[0]
-    factors = {}
     dev = sequences[0].device
-    for name in modules:
-        A, B = init_factors(tuple(get_module(model, name).weight.shape), cfg.rank, seed, f"{key}/{name}")
-        factors[name] = (A.to(dev).requires_grad_(), B.to(dev).requires_grad_())
+    factors = init_params(model, modules, cfg, seed, [key], batched=False, device=dev)
     opt = _adamw([p for ab in factors.values() for p in ab], cfg)
     scale = cfg.alpha / cfg.rank
     n_tok = sum(s.shape[1] - 1 for s in sequences)
@@ -183,12 +198,7 @@ def train_loras(
     n_tok = sum(t for _, t in base).cpu()
     base_nll = sum(l for l, _ in base).cpu()
 
-    factors = {}
-    for name in modules:
-        shape = tuple(get_module(model, name).weight.shape)
-        init = [init_factors(shape, cfg.rank, seed, f"{k}/{name}") for k in keys]
-        factors[name] = (torch.stack([a for a, _ in init]).to(dev).requires_grad_(),
-                         torch.stack([b for _, b in init]).to(dev).requires_grad_())
+    factors = init_params(model, modules, cfg, seed, keys, batched=True, device=dev)
     opt = _adamw([p for ab in factors.values() for p in ab], cfg)
     scale = cfg.alpha / cfg.rank
     with lora_hooks(model, factors, scale), torch.enable_grad():
@@ -275,6 +285,18 @@ def answer_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, *, 
     keep = target != -100
     logits = model.get_output_embeddings()(h[keep]).float()
     return nn.functional.cross_entropy(logits, target[keep])
+
+
+@torch.no_grad()
+def answer_perplexity(model: nn.Module, tokenizer, examples, batch_size: int = 8) -> float:
+    """Perplexity of the first references given their prompts, under the model as it is (a difficulty feature)."""
+    nll, n = 0.0, 0
+    for ids, mask, labels in task_batches(tokenizer, examples, batch_size):
+        dev = next(model.parameters()).device
+        k = int((labels[:, 1:] != -100).sum())
+        nll += answer_loss(model, ids.to(dev), mask.to(dev), labels.to(dev)).item() * k
+        n += k
+    return math.exp(nll / n)
 
 
 def train_task_lora(

@@ -185,6 +185,9 @@ def load_update(path: str | Path) -> Update:
             meta = json.loads((path / PROVENANCE).read_text())
         except json.JSONDecodeError:
             meta = {}
+    for name in meta.pop("dense_modules", None) or []:  # saved by us as identity-factor LoRA: dense again
+        if name in modules:
+            modules[name] = Dense(modules[name].delta())
     return Update(modules, cfg.get("base_model_name_or_path"), meta)
 
 
@@ -272,8 +275,10 @@ def save_update(update: Update, path: str | Path, *, base_model: str | None = No
     with atomic_dir(path, force=force) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        if update.meta:
-            (tmp / PROVENANCE).write_text(json.dumps(update.meta, indent=2, default=str))
+        dense = [n for n in names if isinstance(update.modules[n], Dense)]
+        meta = {**update.meta, "dense_modules": dense} if dense else update.meta
+        if meta:
+            (tmp / PROVENANCE).write_text(json.dumps(meta, indent=2, default=str))
     return Path(path)
 
 

@@ -1,8 +1,8 @@
 """End-to-end recipes: the example-level run (`popqa`) and the task-level run (`tasks`)."""
 
 from mergeability.pipelines.popqa import (
-    _progress, _safe, open_run_dir, prepare_popqa, print_summary, run_key, run_popqa, scores, summarize,
-    write_scores_csv,
+    PopqaEvaluator, _progress, _safe, open_run_dir, prepare_popqa, print_summary, run_key, run_popqa, scores, summarize,
+    trial_pool, write_scores_csv,
 )
 from mergeability.pipelines.tasks import run_tasks
 

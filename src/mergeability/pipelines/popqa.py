@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import os
 import re
 import shutil
@@ -52,6 +54,7 @@ def prepare_popqa(cfg: RunConfig) -> Prepared:
     if cfg.partners >= cfg.items:
         raise MergeabilityError(f"--partners {cfg.partners} is larger than the pool: at most {cfg.items - 1} "
                                 f"other updates can exist with --items {cfg.items}")
+    check_backend(cfg)
     if cfg.engine not in ("fast", "plain"):
         raise MergeabilityError(f"unknown engine {cfg.engine!r}: use fast or plain")
     if cfg.norm not in NORMS:
@@ -59,6 +62,10 @@ def prepare_popqa(cfg: RunConfig) -> Prepared:
     from mergeability.merging import get_method
 
     get_method(cfg.method, **cfg.method_params)
+    if cfg.update not in ("lora", "full"):
+        raise MergeabilityError(f"unknown update kind {cfg.update!r}: use lora or full")
+    if cfg.update == "full" and cfg.method == "knots":
+        raise MergeabilityError("knots needs low-rank (LoRA) updates: with --update full use --method ties or mean")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     facts = load_facts(cfg.dataset, relations=cfg.relations, limit=cfg.items, seed=cfg.seed)
@@ -138,7 +145,8 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
         wrong = [it.id for it in items if it.id in wrong_ids]  # the run's item order, not the store's
         done = store.ids("updates", "item_id")
         task = progress.add_task("train", total=len(wrong), completed=len(done & set(wrong)))
-        tcfg = TrainConfig(rank=cfg.rank, alpha=cfg.alpha, lr=cfg.lr, epochs=cfg.epochs)
+        tcfg = TrainConfig(rank=cfg.rank, alpha=cfg.alpha, lr=cfg.full_lr if cfg.update == "full" else cfg.lr,
+                           epochs=cfg.epochs, update=cfg.update)
         for it in (by_id[i] for i in wrong):
             if not it.fact.passage:
                 raise MergeabilityError(f"item {it.id} has no training passage: add a 'passage' column")
@@ -197,15 +205,15 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
         done = store.done_trials(cfg.method, key)
         task = progress.add_task("trials", total=len(plan), completed=sum((p.target, p.trial) in done for p in plan))
 
-        def evaluate(trials, merged):
-            return scorer.score([(by_id[t.target], m) for t, m in zip(trials, merged)])
-
         def record(trial, s):
             store.add_trial(dict(target=trial.target, trial=trial.trial, method=cfg.method, params=key,
                                  partners=list(trial.partners), correct=int(s.correct), probs=s.probs))
             progress.advance(task)
 
-        run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done, chunk=cfg.batch_rows)
+        evaluate = PopqaEvaluator.build(scorer, items)
+        with trial_pool(cfg, PopqaEvaluator(cfg), evaluate, updates) as pool:
+            run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done, chunk=cfg.batch_rows,
+                       pool=pool)
         timings["trials"] = time.perf_counter() - t
 
     summary = summarize(store, cfg, key, pool)
@@ -215,6 +223,45 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     summary["timings"] = timings
     print_summary(summary, console)
     return summary
+
+
+def check_backend(cfg) -> None:
+    if cfg.backend not in ("local", "ray"):
+        raise MergeabilityError(f"unknown backend {cfg.backend!r}: use local or ray")
+    if cfg.backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise MergeabilityError("--backend ray needs Ray: pip install 'mergeability[ray]'") from None
+
+
+class PopqaEvaluator:
+    """Builds, inside a worker, what evaluates trials of an example-level run: its items and scorer. Picklable."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = dataclasses.replace(cfg, threads=None)  # a worker keeps the threads its backend gave it
+
+    def __call__(self):
+        prep = prepare_popqa(self.cfg)
+        return self.build(prep.scorer, prep.items)
+
+    @staticmethod
+    def build(scorer, items):
+        by_id = {it.id: it for it in items}
+        return lambda trials, merged: scorer.score([(by_id[t.target], m) for t, m in zip(trials, merged)])
+
+
+@contextlib.contextmanager
+def trial_pool(cfg, setup, evaluate, updates):
+    """The backend's pool for a stage's trials, closed (Ray actors released) when the stage ends."""
+    from mergeability.backends import make_pool
+
+    pool = make_pool(cfg.backend, context=setup, local_context=evaluate, shared=updates, address=cfg.ray_address,
+                     workers=cfg.workers, threads=cfg.threads, device=cfg.device)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 def run_key(cfg: RunConfig, partners: int | None = None) -> str:

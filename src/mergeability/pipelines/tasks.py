@@ -57,6 +57,9 @@ def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
     if cfg.trials <= 0 or cfg.partners < 0:
         raise MergeabilityError("--trials must be ≥ 1 and --partners ≥ 0")
     get_method(cfg.method, **cfg.method_params)
+    from mergeability.pipelines.popqa import check_backend
+
+    check_backend(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sizes = {"train": cfg.train_size, "valid": max(1, cfg.test_size // 2), "test": cfg.test_size}
@@ -110,7 +113,7 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
     from mergeability.exact_match import evaluate_task
     from mergeability.pipelines.popqa import _progress, _safe
     from mergeability.store import Store
-    from mergeability.training import TaskTrainConfig, train_task_lora
+    from mergeability.training import TaskTrainConfig, answer_perplexity, train_task_lora
     from mergeability.updates import load_update, save_update
 
     console = console or Console()
@@ -151,17 +154,20 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
             base_acc, base_correct, _ = accuracy(task)
             if task.adapter is not None:
                 update, stats, path = load_update(task.adapter), None, str(task.adapter.resolve())
+                data = task.splits.get("train") or task.split("test")
+                ppl = answer_perplexity(model, tok, data[:64], cfg.batch_size)
             else:
                 update, stats = train_task_lora(model, tok, task.split("train"), prep.modules, tcfg, seed=cfg.seed,
                                                 key=task.name, base_model=cfg.model)
                 save_update(update, out / "updates" / _safe(task.name), force=True)
                 path = f"updates/{_safe(task.name)}"
+                ppl = stats.passage_ppl
             ft_acc, ft_correct, _ = accuracy(task, update)
             prompt_tokens = sum(len(tok(e.input).input_ids) for e in test_examples(cfg, task)) / len(test_examples(cfg, task))
             store.add_task(dict(name=task.name, path=path, base_acc=base_acc, ft_acc=ft_acc,
                                 base_correct=[int(c) for c in base_correct], ft_correct=[int(c) for c in ft_correct],
                                 n_test=len(base_correct), train_loss=stats.loss if stats else None,
-                                answer_ppl=stats.passage_ppl if stats else None, prompt_tokens=prompt_tokens,
+                                answer_ppl=ppl, prompt_tokens=prompt_tokens,
                                 fro_norm=update.fro_norm(), top_sv=update.top_singular_value()))
             progress.advance(bar)
         timings["tasks"] = time.perf_counter() - t
@@ -187,9 +193,12 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
                 if n not in updates:
                     row = store.rows("SELECT path FROM tasks WHERE name = ?", (n,))[0]
                     updates[n] = load_update(out / row["path"])
-        for th, names in pools.items():
-            run_pool_trials(cfg, store, list(names), updates, lambda n, m: accuracy(by_name[n], m), progress,
-                            f"trials≥{th:g}")
+        from mergeability.pipelines.popqa import trial_pool
+
+        evaluate = TaskEvaluator.build(cfg, model, tok, prep.tasks)
+        with trial_pool(cfg, TaskEvaluator(cfg), evaluate, updates) as workers:
+            for th, names in pools.items():
+                run_pool_trials(cfg, store, list(names), updates, evaluate, progress, f"trials≥{th:g}", workers)
         timings["trials"] = time.perf_counter() - t
 
     pool = list(pools[cfg.threshold])
@@ -202,7 +211,30 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
     return summary
 
 
-def run_pool_trials(cfg: TaskConfig, store, pool: list[str], updates: dict, evaluate_one, progress, label: str) -> None:
+class TaskEvaluator:
+    """Builds, inside a worker, what evaluates trials of a task-level run: the model and the tasks. Picklable."""
+
+    def __init__(self, cfg: TaskConfig):
+        import dataclasses
+
+        self.cfg = dataclasses.replace(cfg, threads=None)
+
+    def __call__(self):
+        prep = prepare_tasks(self.cfg)
+        return self.build(self.cfg, prep.lm.model, prep.lm.tokenizer, prep.tasks)
+
+    @staticmethod
+    def build(cfg: TaskConfig, model, tok, tasks):
+        from mergeability.exact_match import evaluate_task
+
+        by_name = {t.name: t for t in tasks}
+        return lambda trials, merged: [
+            evaluate_task(model, tok, test_examples(cfg, by_name[t.target]), m, batch_size=cfg.eval_batch,
+                          max_new_tokens=cfg.max_new_tokens) for t, m in zip(trials, merged)]
+
+
+def run_pool_trials(cfg: TaskConfig, store, pool: list[str], updates: dict, evaluate, progress, label: str,
+                    workers=None) -> None:
     """M trials per task of `pool`, each merging it with N partners from the pool; a trial's result is the
     task's exact-match accuracy with the merged update."""
     from mergeability.estimate import plan_trials, run_trials
@@ -212,16 +244,13 @@ def run_pool_trials(cfg: TaskConfig, store, pool: list[str], updates: dict, eval
     done = store.done_trials(cfg.method, key)
     bar = progress.add_task(label, total=len(plan), completed=sum((p.target, p.trial) in done for p in plan))
 
-    def evaluate(trials, merged):
-        return [evaluate_one(t.target, m) for t, m in zip(trials, merged)]
-
     def record(trial, res):
         acc, correct, _ = res
         store.add_trial(dict(target=trial.target, trial=trial.trial, method=cfg.method, params=key,
                              partners=list(trial.partners), correct=acc, probs=[int(c) for c in correct]))
         progress.advance(bar)
 
-    run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done, chunk=1)
+    run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done, chunk=1, pool=workers)
 
 
 def task_scores(store, cfg: TaskConfig, pool: list[str]) -> dict[str, float]:

@@ -121,8 +121,8 @@ def build_task_report(run_dir: Path):
     provenance = store.get_meta("provenance") or {}
     store.close()
     settings = [["method", cfg.method], ["method parameters", str(cfg.method_params)], ["M (trials)", str(cfg.trials)],
-                ["N (partners)", str(cfg.partners)], ["pool", cfg.pool], ["threshold", str(cfg.threshold)],
-                ["scoring", "exact match of greedy generation, normalised (case, whitespace, edge punctuation)"]]
+                ["N (partners)", str(cfg.partners)], ["threshold", str(cfg.threshold)],
+                ["answer normalisation", "case, whitespace, punctuation at either end"]]
     html_path = write_html(run_dir, provenance, settings, summary, tables, figures, claims)
     write_md(run_dir, provenance, settings, summary, tables, figures, claims)
     return html_path, claims

@@ -1,0 +1,101 @@
+"""Where independent jobs (trial chunks, experiment merges) run: in this process, or on Ray actors that each
+hold the base model. Either way the driver alone writes the store, as results stream back.
+
+A pool runs `job(context, shared, payload)` for each payload: `context` is what a worker builds once (the model
+and its scorer), `shared` what every job reads (the updates), `payload` one job's input. Jobs are plain
+module-level functions, so they pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+from mergeability.errors import MergeabilityError
+
+BACKENDS = ("local", "ray")
+
+
+class LocalPool:
+    """Runs jobs one after another in this process, on a context that is already built."""
+
+    def __init__(self, context: Any, shared: Any):
+        self.context, self.shared = context, shared
+
+    def map(self, job: Callable, payloads: Sequence) -> Iterator[tuple[int, Any]]:
+        for i, p in enumerate(payloads):
+            yield i, job(self.context, self.shared, p)
+
+    def close(self) -> None:
+        pass
+
+
+class RayPool:
+    """One actor per worker, each building the context once (`setup()`); results come back as they finish.
+
+    `address` None starts (or joins) a local Ray; workers default to one per GPU when `gpus_per_worker` > 0,
+    else one per `cpus_per_worker` CPUs of the cluster."""
+
+    def __init__(self, setup: Callable[[], Any], shared: Any, *, address: str | None = None,
+                 workers: int | None = None, cpus_per_worker: int = 1, gpus_per_worker: float = 0):
+        try:
+            import ray
+        except ImportError:
+            raise MergeabilityError("--backend ray needs Ray: pip install 'mergeability[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         num_cpus=None if address else os.cpu_count(), configure_logging=False)
+            except Exception as e:  # no cluster at the address, …: one line is what the user needs
+                raise MergeabilityError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
+                                        f"{str(e).splitlines()[0]}") from None
+        res = ray.cluster_resources()
+        if workers is None:
+            workers = int(res.get("GPU", 0) // gpus_per_worker) if gpus_per_worker else int(res.get("CPU", 1) // cpus_per_worker)
+        if workers < 1:
+            raise MergeabilityError(f"the Ray cluster has no room for a worker ({res}): lower --workers' needs")
+        shared_ref = ray.put(shared)
+        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_Worker)
+        self.actors = [actor.remote(setup, shared_ref, cpus_per_worker) for _ in range(workers)]
+
+    def map(self, job: Callable, payloads: Sequence) -> Iterator[tuple[int, Any]]:
+        ray = self.ray
+        free, running, queue = list(self.actors), {}, list(enumerate(payloads))
+        while queue or running:
+            while free and queue:
+                i, p = queue.pop(0)
+                a = free.pop()
+                running[a.run.remote(job, p)] = (i, a)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i, a = running.pop(ready[0])
+            free.append(a)
+            yield i, ray.get(ready[0])
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
+
+
+class _Worker:
+    def __init__(self, setup: Callable[[], Any], shared: Any, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.context, self.shared = setup(), shared
+
+    def run(self, job: Callable, payload: Any) -> Any:
+        return job(self.context, self.shared, payload)
+
+
+def make_pool(backend: str, *, context: Callable[[], Any], local_context: Any, shared: Any, address: str | None = None,
+              workers: int | None = None, threads: int | None = None, device: str = "cpu"):
+    """A pool for `backend`: local reuses the context this process already built; ray builds one per actor."""
+    if backend == "local":
+        return LocalPool(local_context, shared)
+    if backend != "ray":
+        raise MergeabilityError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
+    gpu = device.startswith("cuda")
+    return RayPool(context, shared, address=address, workers=workers, cpus_per_worker=threads or 1,
+                   gpus_per_worker=1 if gpu else 0)

@@ -1,0 +1,46 @@
+"""The Ray backend: the same study on a local Ray (2 CPUs) gives exactly the local backend's scores."""
+
+import sqlite3
+import sys
+
+import pytest
+import ray  # part of the test extra: pip install -e .[test]
+from rich.console import Console
+
+from conftest import run_cli
+from test_pipeline import cfg_for, dataset  # noqa: F401  (the fixture)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_backend_gives_identical_scores(tiny_model_dir, dataset, tmp_path, local_ray):  # noqa: F811
+    from mergeability.experiments import run_experiment
+    from mergeability.pipelines import run_popqa
+
+    quiet = Console(quiet=True)
+    run_popqa(cfg_for(tiny_model_dir, dataset, batch_rows=2), tmp_path / "local", console=quiet)
+    run_popqa(cfg_for(tiny_model_dir, dataset, batch_rows=2, backend="ray", workers=2), tmp_path / "ray", console=quiet)
+    assert (tmp_path / "ray" / "scores.csv").read_bytes() == (tmp_path / "local" / "scores.csv").read_bytes()
+    q = "SELECT target, trial, partners, correct FROM trials ORDER BY target, trial"
+    rows = {d: sqlite3.connect(tmp_path / d / "results.sqlite").execute(q).fetchall() for d in ("local", "ray")}
+    assert rows["ray"] == rows["local"] and len(rows["ray"]) > 0
+    # an experiment on Ray records the same merge-set results as one run locally
+    run_experiment("groups", tmp_path / "local", quiet)
+    run_experiment("groups", tmp_path / "ray", quiet, {"backend": "ray", "workers": 2})
+    q = "SELECT key, result FROM experiments ORDER BY key"
+    exp = {d: sqlite3.connect(tmp_path / d / "results.sqlite").execute(q).fetchall() for d in ("local", "ray")}
+    assert exp["ray"] == exp["local"] and len(exp["ray"]) > 0
+
+
+def test_ray_backend_without_ray_says_how_to_install(tiny_model_dir, dataset, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "popqa", "--model", tiny_model_dir, "--dataset", dataset, "--items", "20",
+                            "--partners", "2", "--backend", "ray", "--out", out], capsys)
+    assert code == 2 and "pip install 'mergeability[ray]'" in err and err.count("\n") == 1
+    assert not out.exists()
