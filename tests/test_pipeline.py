@@ -209,7 +209,7 @@ def test_locality_and_groups_experiments(tiny_model_dir, dataset, tmp_path, monk
     assert "mergeability experiment" not in local.evidence
 
 
-def test_a_live_run_locks_its_directory(tiny_model_dir, dataset, tmp_path):
+def test_a_live_run_locks_its_directory(tiny_model_dir, dataset, tmp_path, capsys):
     import subprocess
     import sys
     import time
@@ -222,9 +222,14 @@ def test_a_live_run_locks_its_directory(tiny_model_dir, dataset, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = sorted(p.name for p in out.iterdir())
+        store_bytes = (out / "results.sqlite").read_bytes()
         with pytest.raises(MergeabilityError, match=f"in use by process {holder.pid}"):
             run_popqa(cfg_for(tiny_model_dir, dataset), out, resume=True, console=QUIET)
+        code, _, err = run_cli(["run", "popqa", "--model", tiny_model_dir, "--dataset", dataset, "--items", "20",
+                                "--partners", "2", "--out", out, "--resume"], capsys)
+        assert code == 2 and f"in use by process {holder.pid}" in err and err.count("\n") == 1
         assert sorted(p.name for p in out.iterdir()) == before
+        assert (out / "results.sqlite").read_bytes() == store_bytes
     finally:
         holder.kill()
         holder.wait()

@@ -44,3 +44,19 @@ def test_ray_backend_without_ray_says_how_to_install(tiny_model_dir, dataset, tm
                             "--partners", "2", "--backend", "ray", "--out", out], capsys)
     assert code == 2 and "pip install 'mergeability[ray]'" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_ray_backend_task_run_is_identical(tiny_model_dir, tmp_path, local_ray):
+    from test_task_pipeline import cfg_for as task_cfg
+    from test_task_pipeline import make_pool
+
+    from mergeability.pipelines import run_tasks
+
+    pool = make_pool(tmp_path / "pool", tiny_model_dir, n_weak=4)
+    quiet = Console(quiet=True)
+    run_tasks(task_cfg(tiny_model_dir, pool), tmp_path / "local", console=quiet)
+    run_tasks(task_cfg(tiny_model_dir, pool, backend="ray", workers=2), tmp_path / "ray", console=quiet)
+    assert (tmp_path / "ray" / "scores.csv").read_bytes() == (tmp_path / "local" / "scores.csv").read_bytes()
+    q = "SELECT target, trial, partners, correct, probs FROM trials ORDER BY target, trial"
+    rows = {d: sqlite3.connect(tmp_path / d / "results.sqlite").execute(q).fetchall() for d in ("local", "ray")}
+    assert rows["ray"] == rows["local"] and len(rows["ray"]) == 4 * 3

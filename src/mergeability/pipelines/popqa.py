@@ -211,9 +211,9 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
             progress.advance(task)
 
         evaluate = PopqaEvaluator.build(scorer, items)
-        with trial_pool(cfg, PopqaEvaluator(cfg), evaluate, updates) as pool:
+        with trial_pool(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
             run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done, chunk=cfg.batch_rows,
-                       pool=pool)
+                       pool=workers)
         timings["trials"] = time.perf_counter() - t
 
     summary = summarize(store, cfg, key, pool)
