@@ -22,6 +22,16 @@ app = typer.Typer(
 )
 console = Console()
 
+# Options several commands share.
+Device = Annotated[Optional[str], typer.Option(help="cpu | cuda.")]
+Dtype = Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16.")]
+Seed = Annotated[Optional[int], typer.Option(help="Run seed.")]
+Backend = Annotated[Optional[str], typer.Option(help="Where trials run: local (default) | ray.")]
+RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: start a local one).")]
+Workers = Annotated[Optional[int], typer.Option(help="Ray actors (default: one per GPU, or per CPU).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")]
+
+
 
 def _floats(text: str, what: str) -> list[float]:
     try:
@@ -177,14 +187,14 @@ def run_popqa_cmd(
     layer: Annotated[Optional[int], typer.Option(help="Decoder layer to adapt (default: the middle one).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
     update: Annotated[Optional[str], typer.Option(help="lora (default) | full: dense ΔW of the target modules (A.8).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    seed: Seed = None,
     engine: Annotated[Optional[str], typer.Option(help="fast (default) | plain: the obvious path, for checking.")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Where trials run: local (default) | ray.")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: one per GPU, or per CPU).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")] = False,
+    backend: Backend = None,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    resume: Resume = False,
 ) -> None:
     """Example-level mergeability (paper §2, §3.1): screen, train one LoRA per wrong item, score by merging."""
     from mergeability.config import load_config
@@ -217,13 +227,13 @@ def run_tasks_cmd(
     method: Annotated[Optional[str], typer.Option(help="Merge method: knots | ties | mean | task_arithmetic.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank of trained task adapters. [16]")] = None,
     max_test: Annotated[Optional[int], typer.Option(help="Evaluate at most this many test examples per task.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Where trials run: local (default) | ray.")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: one per GPU, or per CPU).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")] = False,
+    device: Device = None,
+    dtype: Dtype = None,
+    seed: Seed = None,
+    backend: Backend = None,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    resume: Resume = False,
 ) -> None:
     """Task-level mergeability (paper §3.2): base and fine-tuned accuracy per task, threshold, score by merging."""
     from mergeability.config import TaskConfig, load_config
@@ -272,9 +282,9 @@ def experiment(
     temperature: Annotated[float, typer.Option(help="weighted: T of softmax((1 - acc)/T) for every method.")] = 0.5,
     sweep: Annotated[str, typer.Option(help="weighted: other T values, tried with the mean merge.")] = "0.1,0.25,1,2",
     methods: Annotated[str, typer.Option(help="weighted: merge methods to weight.")] = "mean,ties,knots",
-    backend: Annotated[Optional[str], typer.Option(help="Where trials run: local (default) | ray.")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: one per GPU, or per CPU).")] = None,
+    backend: Backend = None,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
 ) -> None:
     """Run one of the paper's follow-up experiments on a run's updates (resumable), then refresh its report."""
     from mergeability.experiments import run_experiment

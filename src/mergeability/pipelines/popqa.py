@@ -99,9 +99,7 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     from mergeability.updates import load_update, save_update
 
     console = console or Console()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise MergeabilityError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    out = check_out(out, resume)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prep = prepare_popqa(cfg)  # all bad input is found here, before the run directory exists
@@ -109,12 +107,7 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     lm, items, modules, scorer = prep.lm, prep.items, prep.modules, prep.scorer
     engine = scorer if cfg.engine == "fast" else None
     model, tok = lm.model, lm.tokenizer
-    out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "results.sqlite")  # takes the run's lock before anything is written
-    (out / "updates").mkdir(exist_ok=True)
-    for stale in (out / "updates").glob(".*.tmp-*"):  # a save a killed run did not finish
-        shutil.rmtree(stale, ignore_errors=True)
-    save_config(cfg, out / "config.yaml")
+    store = start_run_dir(out, cfg)
     store.set_meta("provenance", {"model": cfg.model, "revision": cfg.revision, "dtype": cfg.dtype,
                                   "norm": cfg.norm, "seed": cfg.seed, "version": __version__,
                                   "modules": modules, "torch": torch.__version__})
@@ -223,6 +216,27 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
     summary["timings"] = timings
     print_summary(summary, console)
     return summary
+
+
+def check_out(out: Path, resume: bool) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise MergeabilityError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    return out
+
+
+def start_run_dir(out: Path, cfg):
+    """Create (or reopen) a run directory once its input is checked: lock it, clear half-written adapter saves
+    of a killed run, write the resolved config. Returns the store."""
+    from mergeability.store import Store
+
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / "results.sqlite")  # takes the run's lock before anything is written
+    (out / "updates").mkdir(exist_ok=True)
+    for stale in (out / "updates").glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    save_config(cfg, out / "config.yaml")
+    return store
 
 
 def check_backend(cfg) -> None:

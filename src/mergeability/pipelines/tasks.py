@@ -8,7 +8,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mergeability.config import TaskConfig, save_config
+from mergeability.config import TaskConfig
 from mergeability.errors import MergeabilityError
 
 
@@ -111,15 +110,12 @@ def kept_tasks(store, threshold: float) -> list[str]:
 def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
     from mergeability import __version__
     from mergeability.exact_match import evaluate_task
-    from mergeability.pipelines.popqa import _progress, _safe
-    from mergeability.store import Store
+    from mergeability.pipelines.popqa import _progress, _safe, check_out, start_run_dir
     from mergeability.training import TaskTrainConfig, answer_perplexity, train_task_lora
     from mergeability.updates import load_update, save_update
 
     console = console or Console()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise MergeabilityError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    out = check_out(out, resume)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prep = prepare_tasks(cfg)  # all bad input is found here, before the run directory exists
@@ -128,12 +124,7 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
     for p in model.parameters():
         p.requires_grad_(False)
     by_name = {t.name: t for t in prep.tasks}
-    out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "results.sqlite")
-    (out / "updates").mkdir(exist_ok=True)
-    for stale in (out / "updates").glob(".*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    save_config(cfg, out / "config.yaml")
+    store = start_run_dir(out, cfg)
     store.set_meta("provenance", {"model": cfg.model, "revision": cfg.revision, "dtype": cfg.dtype, "seed": cfg.seed,
                                   "version": __version__, "pool": cfg.pool, "scoring": "exact match, greedy",
                                   "torch": torch.__version__})
