@@ -49,6 +49,7 @@ def test_local_pool_pairs_adapters_and_reads_parquet(tmp_path):
     with pytest.raises(MergeabilityError, match="task001_x has no train split"):
         pool[0].split("train")
     assert [t.name for t in load_local_pool(root, ["task22"])] == ["task22_y"]
+    assert [t.name for t in load_local_pool(root, ["1", "task0022"])] == ["task001_x", "task22_y"]
     with pytest.raises(MergeabilityError, match="no task 'task9'"):
         load_local_pool(root, ["task9"])
 

@@ -135,7 +135,7 @@ def _select(names: list[str], wanted: Sequence[str] | None, where: str) -> list[
     by_number = {task_number(n): n for n in names}
     out = []
     for w in wanted:
-        hit = w if w in names else by_number.get(task_number(w))
+        hit = w if w in names else by_number.get(int(w) if w.strip().isdigit() else task_number(w))
         if hit is None:
             raise MergeabilityError(f"{where}: no task {w!r} in the pool")
         out.append(hit)
@@ -175,9 +175,9 @@ def load_hub_pool(tasks: Sequence[str] | None = None, org: str = HUB_ORG) -> lis
 def load_pool(pool: str, tasks: Sequence[str] | None = None, *, seed: int = 0, sizes: Mapping[str, int] | None = None) -> list[Task]:
     """'bundled' (the offline suite), 'hub' (Lots-of-LoRAs), or a local pool directory."""
     if pool == "bundled":
-        from mergeability.data.suite import build_suite
+        from mergeability.data.suite import TASKS, build_suite
 
-        return build_suite(tasks, seed=seed, **(sizes or {}))
+        return build_suite(_select(list(TASKS), tasks, "the bundled suite"), seed=seed, **(sizes or {}))
     if pool == "hub":
         return load_hub_pool(tasks)
     if not Path(pool).exists():
