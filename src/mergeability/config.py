@@ -42,7 +42,8 @@ class RunConfig:
     lr: float = 4e-3
     epochs: int = 10
     update: str = "lora"  # lora | full: a dense ΔW of the target modules (paper A.8; merge with ties or mean)
-    full_lr: float = 1e-4  # AdamW lr of full updates (every entry moves, so far smaller than LoRA's)
+    full_lr: float = 1e-2  # AdamW lr of full updates; on the bundled geo data 1e-4 / 1e-3 / 4e-3 / 1e-2 flipped
+    #                        19 / 38 / 62 / 81 % of the trained items (LoRA at 4e-3: 89 %)
     # mergeability estimation
     trials: int = 5  # M
     partners: int = 10  # N
