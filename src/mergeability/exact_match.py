@@ -30,19 +30,18 @@ def exact_match(prediction: str, references: Sequence[str]) -> bool:
     return any(p == normalize_answer(r) for r in references)
 
 
-_STOP_CACHE: dict[int, list[int]] = {}
-
-
 def stop_ids(tokenizer) -> list[int]:
-    """EOS and every token whose text holds a newline: generation stops at the end of the answer line."""
-    key = id(tokenizer)
-    if key not in _STOP_CACHE:
+    """EOS and every token whose text holds a newline: generation stops at the end of the answer line.
+    Computed once per tokenizer object (decoding a 49k vocabulary takes a moment) and kept on it."""
+    cached = getattr(tokenizer, "_mergeability_stop_ids", None)
+    if cached is None:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         ids = [i for i, t in enumerate(texts) if "\n" in t]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        _STOP_CACHE[key] = sorted(set(ids))
-    return _STOP_CACHE[key]
+        cached = sorted(set(ids))
+        tokenizer._mergeability_stop_ids = cached
+    return cached
 
 
 def answer_budget(tokenizer, examples: Sequence[Example], extra: int = 4, cap: int = 64) -> int:
