@@ -156,7 +156,7 @@ def collect_weighted(store, figdir: Path) -> dict:
         labels = [f"{n} ({'weak' if n in u['weak'] else 'strong'})" for n in members]
         series = {"base": [tasks[n]["base_acc"] for n in members], "fine-tuned": [tasks[n]["ft_acc"] for n in members],
                   "averaged": [plain[n] for n in members], f"weighted (T={T0:g})": [weighted[n] for n in members]}
-        title = "Base-accuracy-weighted vs plain averaging, one task set (§6, Fig. 7)"
+        title = "Weighted vs plain averaging, task set 0 (§6, Fig. 7)"
         out["figures"].append((title, grouped_bars_figure(labels, series, figdir / "weighted_set0.png", title, "accuracy")))
         out["tables"].append(Table(title, ["task", *series], [[lab, *(f"{v[i]:.2f}" for v in series.values())]
                                                              for i, lab in enumerate(labels)]))

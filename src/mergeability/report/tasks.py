@@ -14,7 +14,7 @@ from mergeability.errors import MergeabilityError
 
 FEATURES = {  # column of the tasks table -> label
     "base_acc": "base accuracy",
-    "answer_ppl": "answer perplexity (base model)",
+    "answer_ppl": "answer log-perplexity (base model)",
     "prompt_tokens": "context length (prompt tokens)",
     "fro_norm": "‖ΔW‖_F",
     "top_sv": "σ_max(ΔW)",
@@ -31,6 +31,7 @@ def _arrays(store, sc: dict[str, float]) -> dict[str, np.ndarray]:
     out = {"name": np.array([r["name"] for r in rows]), "score": np.array([sc[r["name"]] for r in rows], dtype=float)}
     for col in [*FEATURES, "ft_acc"]:
         out[col] = np.array([np.nan if r[col] is None else r[col] for r in rows], dtype=float)
+    out["answer_ppl"] = np.log(out["answer_ppl"])  # letters reach ppl 8,000, numbers 2: means need the log
     out["degradation"] = out["ft_acc"] - out["score"]
     return out
 
