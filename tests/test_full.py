@@ -3,7 +3,6 @@
 import copy
 import sqlite3
 
-import pytest
 import torch
 from rich.console import Console
 

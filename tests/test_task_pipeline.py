@@ -7,7 +7,6 @@ import pytest
 from rich.console import Console
 
 from conftest import random_update, run_cli
-from mergeability import MergeabilityError
 from mergeability.config import TaskConfig
 from mergeability.pipelines import run_tasks
 from mergeability.store import Store

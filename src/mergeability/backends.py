@@ -8,6 +8,7 @@ module-level functions, so they pickle.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -38,11 +39,7 @@ class RayPool:
 
     def __init__(self, setup: Callable[[], Any], shared: Any, *, address: str | None = None,
                  workers: int | None = None, cpus_per_worker: int = 1, gpus_per_worker: float = 0):
-        try:
-            import ray
-        except ImportError:
-            raise MergeabilityError("--backend ray needs Ray: pip install 'mergeability[ray]'") from None
-        self.ray = ray
+        self.ray = ray = _import_ray()
         if not ray.is_initialized():
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -89,13 +86,34 @@ class _Worker:
         return job(self.context, self.shared, payload)
 
 
-def make_pool(backend: str, *, context: Callable[[], Any], local_context: Any, shared: Any, address: str | None = None,
-              workers: int | None = None, threads: int | None = None, device: str = "cpu"):
-    """A pool for `backend`: local reuses the context this process already built; ray builds one per actor."""
-    if backend == "local":
-        return LocalPool(local_context, shared)
-    if backend != "ray":
-        raise MergeabilityError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
-    gpu = device.startswith("cuda")
-    return RayPool(context, shared, address=address, workers=workers, cpus_per_worker=threads or 1,
-                   gpus_per_worker=1 if gpu else 0)
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MergeabilityError("--backend ray needs Ray: pip install 'mergeability[ray]'") from None
+    return ray
+
+
+def check_backend(cfg) -> None:
+    """A run's backend settings, checked before any work: the name, and Ray's presence when it is asked for."""
+    if cfg.backend not in BACKENDS:
+        raise MergeabilityError(f"unknown backend {cfg.backend!r}: use {' or '.join(BACKENDS)}")
+    if cfg.backend == "ray":
+        _import_ray()
+
+
+@contextlib.contextmanager
+def pool_for(cfg, setup: Callable[[], Any], local_context: Any, shared: Any) -> Iterator:
+    """The pool of a run's backend (`cfg.backend`, `ray_address`, `workers`, `threads`, `device`) for one stage;
+    local reuses the context this process already built, ray builds one per actor with `setup`. Closed (actors
+    released) when the stage ends."""
+    if cfg.backend == "local":
+        pool = LocalPool(local_context, shared)
+    else:
+        check_backend(cfg)
+        pool = RayPool(setup, shared, address=cfg.ray_address, workers=cfg.workers, cpus_per_worker=cfg.threads or 1,
+                       gpus_per_worker=1 if cfg.device.startswith("cuda") else 0)
+    try:
+        yield pool
+    finally:
+        pool.close()

@@ -96,7 +96,7 @@ def merge(
     if w is not None and len(w) != len(adapters):
         raise MergeabilityError(f"got {len(w)} weights for {len(adapters)} adapters: pass one per adapter")
     updates = [load_update(a) for a in adapters]
-    evaluator = _Evaluator(adapters, updates, eval_sets, model, temperature) if eval_sets else None
+    evaluator = _Evaluator(adapters, updates, eval_sets, model) if eval_sets else None
     if by_base:
         w = base_accuracy_weights(evaluator.base_acc, temperature)
     t0 = time.perf_counter()
@@ -121,19 +121,17 @@ def merge(
 class _Evaluator:
     """Exact-match accuracy of the base model, each adapter alone, and the merge, on each adapter's task file."""
 
-    def __init__(self, adapters, updates, files, model, temperature):
+    def __init__(self, adapters, updates, files, model):
         from mergeability.data.tasks import read_split
         from mergeability.exact_match import evaluate_task
         from mergeability.models import load_model
-        from mergeability.pipelines.tasks import check_pool_base
-        from mergeability.data.tasks import Task
+        from mergeability.pipelines.tasks import check_bases
 
         self.sets = [read_split(Path(f)) for f in files]  # schema errors before the model loads
-        model = model or updates[0].base_model or next(
-            (b for b in (_adapter_base(a) for a in adapters) if b), None)
+        model = model or next((u.base_model for u in updates if u.base_model), None)
         if not model:
             raise MergeabilityError("cannot tell the adapters' base model: pass --model")
-        check_pool_base([Task(str(a), {}, Path(a)) for a in adapters], model)
+        check_bases(((Path(a).name, u.base_model) for a, u in zip(adapters, updates)), model)
         self.lm = load_model(model)
         self.names = [Path(a).name for a in adapters]
         self.evaluate = lambda ex, upd=None: evaluate_task(self.lm.model, self.lm.tokenizer, ex, upd)[0]
@@ -160,12 +158,6 @@ class _Evaluator:
                 p.advance(bar)
                 table.add_row(name, f"{wi / total:.3f}", f"{b:.2f}", f"{ft:.2f}", f"{mg:.2f}")
         console.print(table)
-
-
-def _adapter_base(path) -> str | None:
-    from mergeability.pipelines.tasks import _base_of
-
-    return _base_of(Path(path))
 
 
 run_app = typer.Typer(help="End-to-end mergeability runs.", no_args_is_help=True)

@@ -1,4 +1,4 @@
-"""Run configuration: one dataclass with commented defaults, YAML in and out, presets."""
+"""Run configuration: one dataclass per kind of run with commented defaults, YAML in and out, presets."""
 
 from __future__ import annotations
 
@@ -12,8 +12,27 @@ import yaml
 from mergeability.errors import MergeabilityError
 
 
+class _Config:
+    """What every run config does besides holding its fields: dict/YAML conversion and flag overrides."""
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MergeabilityError(f"{where}: unknown keys {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        """A copy with the given fields changed; None means "not given" (a flag left unset) and changes nothing."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
 @dataclass
-class RunConfig:
+class RunConfig(_Config):
     # base model
     model: str = "smollm2-135m"  # hub id, local directory, or the bundled name
     revision: str | None = None  # hub revision (recorded as provenance)
@@ -51,23 +70,9 @@ class RunConfig:
     method_params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise MergeabilityError(f"{where}: unknown keys {', '.join(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> "RunConfig":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
 
 @dataclass
-class TaskConfig:
+class TaskConfig(_Config):
     """A task-level run (paper §3.2): one adapter per task, exact-match accuracy after merging."""
 
     # base model
@@ -103,10 +108,6 @@ class TaskConfig:
     method: str = "knots"
     method_params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-
-    from_dict = classmethod(RunConfig.from_dict.__func__)
-    to_dict = RunConfig.to_dict
-    replace = RunConfig.replace
 
 
 PRESETS: dict[str, dict] = {

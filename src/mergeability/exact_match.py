@@ -7,7 +7,6 @@ prompt the model cannot hold is an error, not a silently different question.
 
 from __future__ import annotations
 
-import re
 import string
 from typing import Sequence
 

@@ -14,6 +14,7 @@ from scipy import stats as st
 
 from mergeability.analysis.claims import ALPHA, Verdict, directional
 from mergeability.analysis.stats import assign_bins, spearman
+from mergeability.config import TaskConfig
 from mergeability.errors import MergeabilityError
 from mergeability.estimate import params_key, plan_trials, run_trials
 
@@ -29,7 +30,7 @@ def _context(run_dir: Path, overrides: dict):
 
     run_dir = Path(run_dir)
     cfg, store = open_run_dir(run_dir)
-    if hasattr(cfg, "pool"):
+    if isinstance(cfg, TaskConfig):
         store.close()
         raise MergeabilityError(f"{run_dir} is a task-level run: its experiment is weighted "
                                 f"(mergeability experiment weighted {run_dir})")
@@ -44,7 +45,8 @@ def _context(run_dir: Path, overrides: dict):
 
 
 def _trials(cfg, prep, store, updates, by_id, method, params, trials, partners, console, label):
-    from mergeability.pipelines import PopqaEvaluator, _progress, trial_pool
+    from mergeability.backends import pool_for
+    from mergeability.pipelines import PopqaEvaluator, _progress
 
     pool = sorted(updates)
     plan = plan_trials(cfg.seed, pool, pool, trials, partners)
@@ -59,7 +61,7 @@ def _trials(cfg, prep, store, updates, by_id, method, params, trials, partners, 
             progress.advance(task)
 
         evaluate = PopqaEvaluator.build(prep.scorer, prep.items)
-        with trial_pool(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
+        with pool_for(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
             run_trials(plan, updates, method, params, evaluate, record, done, chunk=cfg.batch_rows, pool=workers)
 
 
@@ -136,14 +138,15 @@ def unit_job(evaluate, updates, payload) -> dict[str, int]:
 
 
 def _run_units(name, units, cfg, prep, store, updates, by_id, console) -> None:
-    from mergeability.pipelines import PopqaEvaluator, _progress, trial_pool
+    from mergeability.backends import pool_for
+    from mergeability.pipelines import PopqaEvaluator, _progress
 
     done = store.experiment_rows(name)
     todo = [(key, spec) for key, spec in units if key not in done]
     with _progress(console) as progress:
         task = progress.add_task(name, total=len(units), completed=len(units) - len(todo))
         evaluate = PopqaEvaluator.build(prep.scorer, prep.items)
-        with trial_pool(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
+        with pool_for(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
             payloads = [(cfg.method, cfg.method_params, spec["merge"]) for _, spec in todo]
             for i, correct in workers.map(unit_job, payloads):
                 store.add_experiment(name, todo[i][0], {"correct": correct})

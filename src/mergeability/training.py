@@ -62,17 +62,17 @@ def init_factors(shape: tuple[int, int], rank: int, seed: int, key: str) -> tupl
     return A, torch.zeros(out_f, rank)
 
 
-def init_params(model: nn.Module, modules: Sequence[str], cfg: "TrainConfig", seed: int, keys: Sequence[str],
+def init_params(model: nn.Module, modules: Sequence[str], rank: int, full: bool, seed: int, keys: Sequence[str],
                 batched: bool, device) -> dict[str, tuple[Tensor, ...]]:
     """Trainable parameters per module: LoRA factors (A, B), or a dense ΔW (D,) for full updates; stacked over
     `keys` (one row per update) when batched."""
     out = {}
     for name in modules:
         shape = tuple(get_module(model, name).weight.shape)
-        if cfg.update == "full":
+        if full:
             init = [(torch.zeros(shape),) for _ in keys]
         else:
-            init = [init_factors(shape, cfg.rank, seed, f"{k}/{name}") for k in keys]
+            init = [init_factors(shape, rank, seed, f"{k}/{name}") for k in keys]
         out[name] = tuple((torch.stack(ts) if batched else ts[0]).to(device).requires_grad_() for ts in zip(*init))
     return out
 
@@ -99,8 +99,8 @@ def lora_hooks(model: nn.Module, factors: dict[str, tuple[Tensor, ...]], scale: 
             h.remove()
 
 
-def _adamw(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+def _adamw(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def _result(factors, scale, cfg, seed, base_model, row=None) -> Update:
@@ -127,8 +127,8 @@ def train_lora(
     if engine is not None:
         return train_loras(engine, [sequences], [key], modules, cfg, seed=seed, base_model=base_model)[0]
     dev = sequences[0].device
-    factors = init_params(model, modules, cfg, seed, [key], batched=False, device=dev)
-    opt = _adamw([p for ab in factors.values() for p in ab], cfg)
+    factors = init_params(model, modules, cfg.rank, cfg.update == "full", seed, [key], batched=False, device=dev)
+    opt = _adamw([p for ab in factors.values() for p in ab], cfg.lr)
     scale = cfg.alpha / cfg.rank
     n_tok = sum(s.shape[1] - 1 for s in sequences)
     with torch.no_grad():
@@ -198,8 +198,8 @@ def train_loras(
     n_tok = sum(t for _, t in base).cpu()
     base_nll = sum(l for l, _ in base).cpu()
 
-    factors = init_params(model, modules, cfg, seed, keys, batched=True, device=dev)
-    opt = _adamw([p for ab in factors.values() for p in ab], cfg)
+    factors = init_params(model, modules, cfg.rank, cfg.update == "full", seed, keys, batched=True, device=dev)
+    opt = _adamw([p for ab in factors.values() for p in ab], cfg.lr)
     scale = cfg.alpha / cfg.rank
     with lora_hooks(model, factors, scale), torch.enable_grad():
         for _ in range(cfg.epochs):
@@ -256,10 +256,10 @@ def task_batches(tokenizer, examples, batch_size: int) -> list[tuple[Tensor, Ten
 def shared_prefix(ids: Tensor, labels: Tensor) -> int:
     """Length of the token prefix every row shares, stopping at least one token before any row's answer
     (the prompts of a task share its definition and examples: most of every sequence)."""
+    from mergeability.exact_match import common_prefix
+
     first_label = int((labels != -100).int().argmax(1).min())
-    same = (ids == ids[:1]).all(0)
-    n = int(same.int().cumprod(0).sum())
-    return max(0, min(n, first_label - 1))
+    return max(0, min(common_prefix(ids.tolist()), first_label - 1))
 
 
 def answer_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, *, plain: bool = False) -> Tensor:
@@ -287,16 +287,22 @@ def answer_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, *, 
     return nn.functional.cross_entropy(logits, target[keep])
 
 
+def _answer_steps(model: nn.Module, tokenizer, examples, batch_size: int) -> tuple[list[tuple], list[int]]:
+    """The batches of `task_batches` on the model's device, and the answer tokens each one scores."""
+    dev = next(model.parameters()).device
+    steps = [tuple(t.to(dev) for t in b) for b in task_batches(tokenizer, examples, batch_size)]
+    return steps, [int((lab[:, 1:] != -100).sum()) for _, _, lab in steps]
+
+
 @torch.no_grad()
+def _answer_nll(model: nn.Module, steps, n_ans, plain: bool) -> float:
+    return sum(answer_loss(model, *st, plain=plain).item() * n for st, n in zip(steps, n_ans))
+
+
 def answer_perplexity(model: nn.Module, tokenizer, examples, batch_size: int = 8) -> float:
     """Perplexity of the first references given their prompts, under the model as it is (a difficulty feature)."""
-    nll, n = 0.0, 0
-    for ids, mask, labels in task_batches(tokenizer, examples, batch_size):
-        dev = next(model.parameters()).device
-        k = int((labels[:, 1:] != -100).sum())
-        nll += answer_loss(model, ids.to(dev), mask.to(dev), labels.to(dev)).item() * k
-        n += k
-    return math.exp(nll / n)
+    steps, n_ans = _answer_steps(model, tokenizer, examples, batch_size)
+    return math.exp(_answer_nll(model, steps, n_ans, plain=False) / sum(n_ans))
 
 
 def train_task_lora(
@@ -314,17 +320,11 @@ def train_task_lora(
 ) -> tuple[Update, TrainStats]:
     """One LoRA update for a task: `epochs` passes over its training examples in fixed order, `batch_size` a step.
     TrainStats: last epoch's loss, the base model's perplexity on the answers, the mean prompt length."""
-    dev = next(model.parameters()).device
-    steps = [tuple(t.to(dev) for t in b) for b in task_batches(tokenizer, examples, cfg.batch_size)]
-    factors = {}
-    for name in modules:
-        A, B = init_factors(tuple(get_module(model, name).weight.shape), cfg.rank, seed, f"{key}/{name}")
-        factors[name] = (A.to(dev).requires_grad_(), B.to(dev).requires_grad_())
-    opt = torch.optim.AdamW([p for ab in factors.values() for p in ab], lr=cfg.lr, weight_decay=0.0)
+    steps, n_ans = _answer_steps(model, tokenizer, examples, cfg.batch_size)
+    factors = init_params(model, modules, cfg.rank, False, seed, [key], batched=False, device=steps[0][0].device)
+    opt = _adamw([p for ab in factors.values() for p in ab], cfg.lr)
     scale = cfg.alpha / cfg.rank
-    n_ans = [int((lab[:, 1:] != -100).sum()) for _, _, lab in steps]
-    with torch.no_grad():
-        base_nll = sum(answer_loss(model, *st, plain=plain).item() * n for st, n in zip(steps, n_ans))
+    base_nll = _answer_nll(model, steps, n_ans, plain)
     with lora_hooks(model, factors, scale), torch.enable_grad():
         for _ in range(cfg.epochs):
             last = 0.0

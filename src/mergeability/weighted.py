@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from mergeability.config import TaskConfig
 from mergeability.errors import MergeabilityError
 
 NAME = "weighted"
@@ -66,17 +67,16 @@ def units(spec: WeightedSpec, sets) -> list[tuple[str, dict]]:
 
 
 def run_weighted(run_dir: Path, spec: WeightedSpec, console: Console | None = None) -> None:
-    from mergeability.exact_match import evaluate_task
     from mergeability.merging import base_accuracy_weights, get_method
     from mergeability.pipelines import _progress, open_run_dir
-    from mergeability.pipelines.tasks import kept_tasks, prepare_tasks, test_examples
+    from mergeability.pipelines.tasks import kept_tasks, prepare_tasks, task_accuracy
     from mergeability.updates import load_update
 
     spec.check()
     console = console or Console()
     run_dir = Path(run_dir)
     cfg, store = open_run_dir(run_dir)
-    if not hasattr(cfg, "pool"):
+    if not isinstance(cfg, TaskConfig):
         store.close()
         raise MergeabilityError(f"{run_dir} is an example-level run: the weighted experiment needs a task-level run "
                                 "(mergeability run tasks)")
@@ -97,9 +97,7 @@ def run_weighted(run_dir: Path, spec: WeightedSpec, console: Console | None = No
             members = u["weak"] + u["strong"]
             w = None if u["T"] is None else base_accuracy_weights([rows[n]["base_acc"] for n in members], u["T"])
             merged = get_method(u["method"]).merge([updates[n] for n in members], w)
-            acc = {n: evaluate_task(model, tok, test_examples(cfg, by_name[n]), merged, batch_size=cfg.eval_batch,
-                                    max_new_tokens=cfg.max_new_tokens)[0]
-                   for n in members}
+            acc = {n: task_accuracy(cfg, model, tok, by_name[n], merged)[0] for n in members}
             store.add_experiment(NAME, key, {"acc": acc, "weights": w})
             progress.advance(bar)
     store.set_meta("weighted_spec", {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()})

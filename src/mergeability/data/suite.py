@@ -55,8 +55,8 @@ def _words() -> list[str]:
     return sorted(w for w in names if w.isalpha() and w.isascii() and 4 <= len(w) <= 7)
 
 
-def _geo(field_in: str, field_out: str, pool: Callable[[], list[dict]] = _countries):
-    return lambda rng: (lambda c: (c[field_in], [c[field_out]]))(rng.choice(pool()))
+def _geo(field_in: str, field_out: str):
+    return lambda rng: (lambda c: (c[field_in], [c[field_out]]))(rng.choice(_countries()))
 
 
 def _word(fn: Callable[[str], str]):

@@ -79,9 +79,7 @@ def _example(row: dict, where: str, i: int) -> Example:
     if not isinstance(row["input"], str) or not row["input"].strip():
         raise MergeabilityError(f"{where}, row {i}, column 'input': must be a non-empty string")
     out = row["output"]
-    if isinstance(out, str):
-        out = [out]
-    out = list(out) if not isinstance(out, (str, bytes)) and hasattr(out, "__iter__") else out
+    out = [out] if isinstance(out, str) else list(out) if hasattr(out, "__iter__") else out  # Parquet: an array
     if not isinstance(out, list) or not out or not all(isinstance(o, str) for o in out):
         raise MergeabilityError(f"{where}, row {i}, column 'output': must be a string or a non-empty list of strings")
     return Example(str(row.get("id") or f"{i}"), row["input"], tuple(out))

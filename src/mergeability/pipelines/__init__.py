@@ -2,9 +2,9 @@
 
 from mergeability.pipelines.popqa import (
     PopqaEvaluator, _progress, _safe, open_run_dir, prepare_popqa, print_summary, run_key, run_popqa, scores, summarize,
-    trial_pool, write_scores_csv,
+    write_scores_csv,
 )
 from mergeability.pipelines.tasks import run_tasks
 
-__all__ = ["run_popqa", "prepare_popqa", "run_tasks", "run_key", "open_run_dir", "scores", "summarize",
+__all__ = ["run_popqa", "prepare_popqa", "PopqaEvaluator", "run_tasks", "run_key", "open_run_dir", "scores", "summarize",
            "write_scores_csv", "print_summary", "_progress", "_safe"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import os
@@ -54,6 +53,8 @@ def prepare_popqa(cfg: RunConfig) -> Prepared:
     if cfg.partners >= cfg.items:
         raise MergeabilityError(f"--partners {cfg.partners} is larger than the pool: at most {cfg.items - 1} "
                                 f"other updates can exist with --items {cfg.items}")
+    from mergeability.backends import check_backend
+
     check_backend(cfg)
     if cfg.engine not in ("fast", "plain"):
         raise MergeabilityError(f"unknown engine {cfg.engine!r}: use fast or plain")
@@ -93,8 +94,8 @@ def prepare_popqa(cfg: RunConfig) -> Prepared:
 def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
     """Screen → train → trials → scores.csv. Returns the summary."""
     from mergeability import __version__
+    from mergeability.backends import pool_for
     from mergeability.estimate import plan_trials, run_trials
-    from mergeability.store import Store
     from mergeability.training import TrainConfig, split_passage, train_lora, train_loras
     from mergeability.updates import load_update, save_update
 
@@ -204,7 +205,7 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
             progress.advance(task)
 
         evaluate = PopqaEvaluator.build(scorer, items)
-        with trial_pool(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
+        with pool_for(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
             run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done, chunk=cfg.batch_rows,
                        pool=workers)
         timings["trials"] = time.perf_counter() - t
@@ -239,16 +240,6 @@ def start_run_dir(out: Path, cfg):
     return store
 
 
-def check_backend(cfg) -> None:
-    if cfg.backend not in ("local", "ray"):
-        raise MergeabilityError(f"unknown backend {cfg.backend!r}: use local or ray")
-    if cfg.backend == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise MergeabilityError("--backend ray needs Ray: pip install 'mergeability[ray]'") from None
-
-
 class PopqaEvaluator:
     """Builds, inside a worker, what evaluates trials of an example-level run: its items and scorer. Picklable."""
 
@@ -263,19 +254,6 @@ class PopqaEvaluator:
     def build(scorer, items):
         by_id = {it.id: it for it in items}
         return lambda trials, merged: scorer.score([(by_id[t.target], m) for t, m in zip(trials, merged)])
-
-
-@contextlib.contextmanager
-def trial_pool(cfg, setup, evaluate, updates):
-    """The backend's pool for a stage's trials, closed (Ray actors released) when the stage ends."""
-    from mergeability.backends import make_pool
-
-    pool = make_pool(cfg.backend, context=setup, local_context=evaluate, shared=updates, address=cfg.ray_address,
-                     workers=cfg.workers, threads=cfg.threads, device=cfg.device)
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 def run_key(cfg: RunConfig, partners: int | None = None) -> str:

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from rich.console import Console
@@ -35,14 +36,11 @@ def _base_of(adapter: Path) -> str | None:
         return None
 
 
-def check_pool_base(tasks, model: str) -> None:
-    """Adapters trained on another base model cannot be merged into this one: say so before any work."""
-    for t in tasks:
-        if t.adapter is None:
-            continue
-        base = _base_of(t.adapter)
+def check_bases(bases: Iterable[tuple[str, str | None]], model: str) -> None:
+    """(adapter, its base model) pairs: adapters trained on another base model cannot be merged into this one."""
+    for name, base in bases:
         if base and base != model and Path(base).name != Path(model).name:
-            raise MergeabilityError(f"the pool's adapter for {t.name} targets {base}, the run's model is {model}: "
+            raise MergeabilityError(f"the adapter for {name} targets {base}, the run's model is {model}: "
                                     f"pass --model {base}, or use adapters trained on {model}")
 
 
@@ -56,7 +54,7 @@ def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
     if cfg.trials <= 0 or cfg.partners < 0:
         raise MergeabilityError("--trials must be ≥ 1 and --partners ≥ 0")
     get_method(cfg.method, **cfg.method_params)
-    from mergeability.pipelines.popqa import check_backend
+    from mergeability.backends import check_backend
 
     check_backend(cfg)
     if cfg.threads:
@@ -67,7 +65,7 @@ def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
         t.split("test")  # a task with no test split cannot be scored: fail before any work
         if t.adapter is None:
             t.split("train")
-    check_pool_base(tasks, cfg.model)
+    check_bases(((t.name, _base_of(t.adapter)) for t in tasks if t.adapter is not None), cfg.model)
     if cfg.partners >= len(tasks):
         raise MergeabilityError(f"--partners {cfg.partners} is larger than the pool: at most {len(tasks) - 1} other "
                                 f"tasks can exist with {len(tasks)} tasks")
@@ -95,6 +93,14 @@ def test_examples(cfg: TaskConfig, task) -> list:
     return ex if cfg.max_test is None else ex[: cfg.max_test]
 
 
+def task_accuracy(cfg: TaskConfig, model, tok, task, update=None) -> tuple[float, list[bool], list[str]]:
+    """(accuracy, per-example correctness, predictions) on the task's test examples, with the run's settings."""
+    from mergeability.exact_match import evaluate_task
+
+    return evaluate_task(model, tok, test_examples(cfg, task), update, batch_size=cfg.eval_batch,
+                         max_new_tokens=cfg.max_new_tokens)
+
+
 def pool_key(cfg: TaskConfig, pool: list[str]) -> str:
     """The trial key: method, parameters, N, and the pool itself (partners are drawn from it)."""
     from mergeability.estimate import params_key
@@ -109,7 +115,6 @@ def kept_tasks(store, threshold: float) -> list[str]:
 
 def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
     from mergeability import __version__
-    from mergeability.exact_match import evaluate_task
     from mergeability.pipelines.popqa import _progress, _safe, check_out, start_run_dir
     from mergeability.training import TaskTrainConfig, answer_perplexity, train_task_lora
     from mergeability.updates import load_update, save_update
@@ -130,10 +135,6 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
                                   "torch": torch.__version__})
     tcfg = TaskTrainConfig(rank=cfg.rank, alpha=cfg.alpha, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
 
-    def accuracy(task, update=None):
-        return evaluate_task(model, tok, test_examples(cfg, task), update, batch_size=cfg.eval_batch,
-                             max_new_tokens=cfg.max_new_tokens)
-
     with _progress(console) as progress:
         # 1. base accuracy and fine-tuned accuracy per task, training the adapters the pool lacks
         t = time.perf_counter()
@@ -142,7 +143,7 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
         for task in prep.tasks:
             if task.name in done:
                 continue
-            base_acc, base_correct, _ = accuracy(task)
+            base_acc, base_correct, _ = task_accuracy(cfg, model, tok, task)
             if task.adapter is not None:
                 update, stats, path = load_update(task.adapter), None, str(task.adapter.resolve())
                 data = task.splits.get("train") or task.split("test")
@@ -153,8 +154,9 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
                 save_update(update, out / "updates" / _safe(task.name), force=True)
                 path = f"updates/{_safe(task.name)}"
                 ppl = stats.passage_ppl
-            ft_acc, ft_correct, _ = accuracy(task, update)
-            prompt_tokens = sum(len(tok(e.input).input_ids) for e in test_examples(cfg, task)) / len(test_examples(cfg, task))
+            ft_acc, ft_correct, _ = task_accuracy(cfg, model, tok, task, update)
+            test = test_examples(cfg, task)
+            prompt_tokens = sum(len(tok(e.input).input_ids) for e in test) / len(test)
             store.add_task(dict(name=task.name, path=path, base_acc=base_acc, ft_acc=ft_acc,
                                 base_correct=[int(c) for c in base_correct], ft_correct=[int(c) for c in ft_correct],
                                 n_test=len(base_correct), train_loss=stats.loss if stats else None,
@@ -184,10 +186,10 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
                 if n not in updates:
                     row = store.rows("SELECT path FROM tasks WHERE name = ?", (n,))[0]
                     updates[n] = load_update(out / row["path"])
-        from mergeability.pipelines.popqa import trial_pool
+        from mergeability.backends import pool_for
 
         evaluate = TaskEvaluator.build(cfg, model, tok, prep.tasks)
-        with trial_pool(cfg, TaskEvaluator(cfg), evaluate, updates) as workers:
+        with pool_for(cfg, TaskEvaluator(cfg), evaluate, updates) as workers:
             for th, names in pools.items():
                 run_pool_trials(cfg, store, list(names), updates, evaluate, progress, f"trials≥{th:g}", workers)
         timings["trials"] = time.perf_counter() - t
@@ -216,12 +218,9 @@ class TaskEvaluator:
 
     @staticmethod
     def build(cfg: TaskConfig, model, tok, tasks):
-        from mergeability.exact_match import evaluate_task
-
         by_name = {t.name: t for t in tasks}
-        return lambda trials, merged: [
-            evaluate_task(model, tok, test_examples(cfg, by_name[t.target]), m, batch_size=cfg.eval_batch,
-                          max_new_tokens=cfg.max_new_tokens) for t, m in zip(trials, merged)]
+        return lambda trials, merged: [task_accuracy(cfg, model, tok, by_name[t.target], m)
+                                       for t, m in zip(trials, merged)]
 
 
 def run_pool_trials(cfg: TaskConfig, store, pool: list[str], updates: dict, evaluate, progress, label: str,

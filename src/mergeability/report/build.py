@@ -34,27 +34,34 @@ def _f(x: float, d: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}g}"
 
 
-def open_run(run_dir: Path):
-    from mergeability.pipelines import open_run_dir, run_key, scores
+def run_scores(run_dir: Path, cfg, store) -> dict[str, float]:
+    from mergeability.pipelines import run_key, scores
 
-    cfg, store = open_run_dir(run_dir, lock=False)  # a report may be drawn while a run is live
     key = run_key(cfg)
     kept = [r["item_id"] for r in store.rows("SELECT item_id FROM updates WHERE kept = 1")]
     sc = scores(store, key, kept, cfg.trials)
     if len(sc) < 3:
         raise MergeabilityError(f"{run_dir} has scores for {len(sc)} updates: finish the run first (--resume)")
-    return cfg, store, sc
+    return sc
 
 
 def build_report(run_dir: Path) -> tuple[Path, list[Verdict]]:
     """Write figures/, report.html and report.md into the run directory; return the HTML path and the claims."""
 
+    from mergeability.config import TaskConfig
+    from mergeability.pipelines import open_run_dir
+
     run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").exists() and "pool:" in (run_dir / "config.yaml").read_text():
+    cfg, store = open_run_dir(run_dir, lock=False)  # a report may be drawn while a run is live
+    if isinstance(cfg, TaskConfig):
         from mergeability.report.tasks import build_task_report
 
-        return build_task_report(run_dir)
-    cfg, store, sc = open_run(run_dir)
+        return build_task_report(run_dir, cfg, store)
+    try:
+        sc = run_scores(run_dir, cfg, store)
+    except MergeabilityError:
+        store.close()
+        raise
     data = load_features(store, sc)
     figdir = run_dir / "figures"
     figdir.mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mergeability.analysis.claims import ALPHA, RULES, Verdict, directional, no_correlation, not_run
+from mergeability.analysis.claims import ALPHA, Verdict, directional, no_correlation, not_run
 from mergeability.analysis.stats import per_bin, spearman
 from mergeability.errors import MergeabilityError
 
@@ -36,15 +36,13 @@ def _arrays(store, sc: dict[str, float]) -> dict[str, np.ndarray]:
     return out
 
 
-def build_task_report(run_dir: Path):
-    from mergeability.pipelines import open_run_dir
-    from mergeability.pipelines.tasks import summarize_tasks, task_scores
+def build_task_report(run_dir: Path, cfg, store):
+    """The report of a task-level run whose config and (unlocked) store are open; closes the store."""
+    from mergeability.pipelines.tasks import kept_tasks, summarize_tasks, task_scores
     from mergeability.report.build import Table, write_html, write_md
     from mergeability.report.figures import bins_figure, lines_figure, scatter_figure
     from mergeability.weighted import collect_weighted
 
-    run_dir = Path(run_dir)
-    cfg, store = open_run_dir(run_dir, lock=False)
     pools = {float(k): v for k, v in (store.get_meta("pools") or {}).items()}
     if cfg.threshold not in pools:
         store.close()
@@ -81,7 +79,7 @@ def build_task_report(run_dir: Path):
     # threshold sweep: each threshold's pool has its own trials (partners are drawn from that pool)
     sweep_rows, sweep_corr, series, seen = [], {}, {}, set()
     for th in sorted({cfg.threshold, *cfg.sweep}, reverse=True):
-        pool = _pool_at(store, th)
+        pool = kept_tasks(store, th)
         if tuple(pool) in seen:  # the same tasks as a stricter threshold: the same trials
             continue
         seen.add(tuple(pool))
@@ -129,12 +127,6 @@ def build_task_report(run_dir: Path):
     return html_path, claims
 
 
-def _pool_at(store, th: float) -> list[str]:
-    from mergeability.pipelines.tasks import kept_tasks
-
-    return kept_tasks(store, th)
-
-
 def _thresholds_claim(corrs: dict) -> Verdict:
     claim = "Higher scores go with higher base accuracy at every threshold (A.16-A.19)"
     if len(corrs) < 2:
@@ -147,5 +139,3 @@ def _thresholds_claim(corrs: dict) -> Verdict:
         return Verdict(claim, measured, evidence, "contradicted")
     return Verdict(claim, measured, evidence, "inconclusive")
 
-
-__all__ = ["build_task_report", "RULES"]
