@@ -1,4 +1,4 @@
-"""KnOTS: dense route (SVD of the out × n·in concatenation) vs the low-rank route (QR + small core SVD).
+"""KnOTS: the reference route (SVD of the out × n·in concatenation) vs the low-rank route (QR + core SVD).
 
 N = 11 updates of rank 64 on a 1536 × 576 module (SmolLM2-135M's mlp.up_proj), float64, measured side by side.
 Prints the times, the relative difference of the merged ΔW, and `ratio: X` (dense time / low-rank time) last.
@@ -12,19 +12,7 @@ import time
 import torch
 
 from mergeability.merging import Knots
-from mergeability.merging.ties import disjoint_merge, sparsify
 from mergeability.updates import LowRank, Update
-
-
-def dense_knots(updates: list[Update], name: str, density: float, rtol: float) -> torch.Tensor:
-    """The obvious route: materialise every ΔW_i, SVD the concatenation, TIES the blocks Σ V_iᵀ."""
-    deltas = [u.delta(name) for u in updates]
-    U, S, Vh = torch.linalg.svd(torch.cat(deltas, 1), full_matrices=False)
-    k = int((S > rtol * S[0]).sum())
-    cols = deltas[0].shape[1]
-    blocks = [{name: S[:k, None] * Vh[:k, i * cols : (i + 1) * cols]} for i in range(len(deltas))]
-    merged = disjoint_merge(sparsify(blocks, density, False, None, 0), [1.0] * len(deltas))
-    return U[:, :k] @ merged[name]
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -55,7 +43,7 @@ def main() -> None:
         for _ in range(args.n)
     ]
     method = Knots()
-    t_dense, ref = best_of(lambda: dense_knots(updates, name, method.density, method.rtol), args.repeats)
+    t_dense, ref = best_of(lambda: method.reference(updates).delta(name), args.repeats)
     t_low, merged = best_of(lambda: method.merge(updates).delta(name), args.repeats)
     rel = ((merged - ref).norm() / ref.norm()).item()
     print(f"KnOTS, N={args.n} updates of rank {args.rank} on {args.out_features}x{args.in_features}, float64, "

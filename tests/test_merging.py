@@ -3,7 +3,7 @@ import torch
 
 from conftest import random_update
 from mergeability import MergeabilityError, merge
-from mergeability.merging import METHODS, base_accuracy_weights, get_method
+from mergeability.merging import METHODS, Knots, base_accuracy_weights, get_method
 from mergeability.updates import Dense, LowRank, Update
 from reference import ref_knots, ref_mean, ref_ties
 
@@ -80,6 +80,19 @@ def test_knots_with_mean_inside_equals_mean(weights):
     assert_close(a, {n: b.delta(n).double() for n in b.modules})
 
 
+def test_knots_dense_route_drops_float32_rounding_directions():
+    # [ΔW_1 | … ] has rank ≤ Σ r_i, but its float32 SVD returns min(out, n·in) values, the rest rounding noise
+    # around 1e-6 σ_max (above rtol). Kept, they would dilute TIES's density and change the merge.
+    from mergeability.merging.knots import dense_basis, shared_basis
+
+    us = [random_update({"m": (96, 64)}, 4, seed=i, dtype=torch.float32) for i in range(8)]
+    fs = [u.modules["m"] for u in us]
+    U, Rs = dense_basis(fs, [1.0] * 8, Knots().rtol)
+    assert U.shape[1] == 32 == shared_basis(fs, [1.0] * 8, Knots().rtol)[0].shape[1]
+    a, b = Knots().merge(us).delta("m"), Knots().reference(us).delta("m")
+    assert ((a - b).norm() / b.norm()).item() < 1e-3
+
+
 def test_knots_rank_deficient_inputs():
     # the same update twice: the concatenation has half the rank; zero directions must be dropped cleanly
     u = random_update({"m": (20, 12)}, 3, seed=1)
@@ -143,6 +156,11 @@ def test_conformance(method):
     assert any((e.delta(n) - f.delta(n)).abs().max() > 1e-6 for n in e.modules)
     # provenance
     assert a.meta["merge"]["method"] == method and "version" in a.meta
+    # the obvious route (what `--engine plain` merges with) is the same merge, dense
+    ref = get_method(method).reference(us64, [1.0, 3.0, 1.0, 1.0])
+    assert all(isinstance(m, Dense) for m in ref.modules.values())
+    assert ref.meta["merge"] == e.meta["merge"]
+    assert_close(e, {n: m.delta().double() for n, m in ref.modules.items()}, tol=1e-7)
 
 
 def test_dare_changes_with_seed_and_rescales():

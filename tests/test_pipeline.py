@@ -235,3 +235,22 @@ def test_a_live_run_locks_its_directory(tiny_model_dir, dataset, tmp_path, capsy
         holder.wait()
     time.sleep(0.1)
     run_popqa(cfg_for(tiny_model_dir, dataset), out, resume=True, console=QUIET)  # the dead holder's lock is gone
+
+
+def test_plain_engine_run_matches_the_fast_one(tiny_model_dir, dataset, tmp_path):
+    """`--engine plain` is the end-to-end check of the fast paths: full-model training, each trial merged by
+    KnOTS's dense reference route, ΔW added to the weights. Its trials must agree with the engine's."""
+    fast = run_popqa(cfg_for(tiny_model_dir, dataset), tmp_path / "fast", console=QUIET)
+    plain = run_popqa(cfg_for(tiny_model_dir, dataset, engine="plain"), tmp_path / "plain", console=QUIET)
+    assert plain["kept"] == fast["kept"]
+
+    def trials(run):
+        db = sqlite3.connect(tmp_path / run / "results.sqlite")
+        return {(t, m): (p, c, json.loads(pr)) for t, m, p, c, pr in
+                db.execute("SELECT target, trial, partners, correct, probs FROM trials")}
+
+    a, b = trials("fast"), trials("plain")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][:2] == b[k][:2]
+        assert max(abs(x - y) for x, y in zip(a[k][2], b[k][2])) < 1e-3, k

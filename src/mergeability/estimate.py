@@ -43,10 +43,12 @@ def params_key(method: str, params: Mapping) -> str:
 
 
 def trial_chunk(evaluate, updates: Mapping[str, Update], payload) -> list:
-    """One job: merge each trial of a chunk, then evaluate the chunk in one batch."""
-    method, params, batch = payload
+    """One job: merge each trial of a chunk (by the method's fast route, or its obvious reference route),
+    then evaluate the chunk in one batch."""
+    method, params, batch, reference = payload
     merger = get_method(method, **params)
-    merged = [merger.merge([updates[t.target], *(updates[p] for p in t.partners)]) for t in batch]
+    merge = merger.reference if reference else merger.merge
+    merged = [merge([updates[t.target], *(updates[p] for p in t.partners)]) for t in batch]
     return list(evaluate(batch, merged))
 
 
@@ -60,13 +62,15 @@ def run_trials(
     done: set[tuple[str, int]] = frozenset(),
     chunk: int = 8,
     pool=None,
+    reference: bool = False,
 ) -> None:
     """Merge and evaluate every planned trial not in `done`, `chunk` at a time (one batched evaluation each);
     `record` stores each result as it comes, so a kill loses at most the chunks in flight.
 
     Chunks are fixed slices of the whole plan, so a resumed run, or a run on another backend, evaluates every
     chunk in the same batch as an uninterrupted local run: results are bit-identical. `pool` (see `backends`)
-    runs the chunks elsewhere, with its own evaluator; by default they run here with `evaluate`.
+    runs the chunks elsewhere, with its own evaluator; by default they run here with `evaluate`. `reference`
+    merges by each method's obvious route (the plain engine's end-to-end check of the fast merges).
     """
     from mergeability.backends import LocalPool
 
@@ -74,7 +78,7 @@ def run_trials(
     pool = pool or LocalPool(evaluate, updates)
     chunks = [list(plan[s : s + chunk]) for s in range(0, len(plan), chunk)]
     todo = [c for c in chunks if not all((t.target, t.trial) in done for t in c)]
-    for i, results in pool.map(trial_chunk, [(method, dict(params), c) for c in todo]):
+    for i, results in pool.map(trial_chunk, [(method, dict(params), c, reference) for c in todo]):
         for t, result in zip(todo[i], results):
             if (t.target, t.trial) not in done:
                 record(t, result)

@@ -62,7 +62,8 @@ def _trials(cfg, prep, store, updates, by_id, method, params, trials, partners, 
 
         evaluate = PopqaEvaluator.build(prep.scorer, prep.items)
         with pool_for(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
-            run_trials(plan, updates, method, params, evaluate, record, done, chunk=cfg.batch_rows, pool=workers)
+            run_trials(plan, updates, method, params, evaluate, record, done, chunk=cfg.batch_rows, pool=workers,
+                       reference=cfg.engine == "plain")
 
 
 def _main_scores(cfg, store, updates) -> dict[str, float]:
@@ -131,8 +132,9 @@ def unit_job(evaluate, updates, payload) -> dict[str, int]:
     from mergeability.estimate import Trial
     from mergeability.merging import get_method
 
-    method, params, members = payload
-    merged = get_method(method, **params).merge([updates[i] for i in members])
+    method, params, members, reference = payload
+    merger = get_method(method, **params)
+    merged = (merger.reference if reference else merger.merge)([updates[i] for i in members])
     res = evaluate([Trial(i, 0, ()) for i in members], [merged] * len(members))
     return {i: int(r.correct) for i, r in zip(members, res)}
 
@@ -147,7 +149,7 @@ def _run_units(name, units, cfg, prep, store, updates, by_id, console) -> None:
         task = progress.add_task(name, total=len(units), completed=len(units) - len(todo))
         evaluate = PopqaEvaluator.build(prep.scorer, prep.items)
         with pool_for(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
-            payloads = [(cfg.method, cfg.method_params, spec["merge"]) for _, spec in todo]
+            payloads = [(cfg.method, cfg.method_params, spec["merge"], cfg.engine == "plain") for _, spec in todo]
             for i, correct in workers.map(unit_job, payloads):
                 store.add_experiment(name, todo[i][0], {"correct": correct})
                 progress.advance(task)

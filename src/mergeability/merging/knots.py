@@ -7,7 +7,8 @@ result is U · R_merged. All of it is computed from the LoRA factors: with ΔW_i
                = Q · (R · blockdiag(P_iᵀ)) · blockdiag(Q_iᵀ)
 
 and the middle factor is a small (Σr × Σr) core: its SVD W_L S W_Rᵀ gives U = Q W_L and V_iᵀ = W_Rᵀ[:, block i] Q_iᵀ,
-so no out × n·in matrix is ever formed. The merged update is low-rank with rank ≤ Σ r_i.
+so no out × n·in matrix is ever formed. The merged update is low-rank with rank ≤ Σ r_i. `Knots.reference`
+is the obvious route (materialise every ΔW_i, SVD the out × n·in concatenation): the plain engine's merge.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 from mergeability.errors import MergeabilityError
 from mergeability.merging.base import check_updates, check_weights, compute_dtype, params_of, result
 from mergeability.merging.ties import check_sparsify, disjoint_merge, sparsify
-from mergeability.updates import LowRank, Update
+from mergeability.updates import Dense, LowRank, Update
 
 
 def shared_basis(factors: list[LowRank], weights: list[float], rtol: float) -> tuple[Tensor, list[Tensor]]:
@@ -46,6 +47,18 @@ def shared_basis(factors: list[LowRank], weights: list[float], rtol: float) -> t
     return U, Rs
 
 
+def dense_basis(factors: list[LowRank], weights: list[float], rtol: float) -> tuple[Tensor, list[Tensor]]:
+    """What `shared_basis` computes, the obvious way: the SVD of the materialised [w_1 ΔW_1 | … | w_n ΔW_n]."""
+    cat = torch.cat([w * f.delta() for f, w in zip(factors, weights)], 1)
+    U, S, Vh = torch.linalg.svd(cat, full_matrices=False)
+    keep = max(1, int((S > rtol * S[0]).sum())) if S[0] > 0 else 1
+    # The concatenation has rank ≤ Σ r_i; beyond that its singular values are rounding noise (~1e-6 σ_max in
+    # float32, above rtol), and keeping them would dilute TIES's density over extra rows.
+    keep = min(keep, sum(f.rank for f in factors))
+    cols = factors[0].shape[1]
+    return U[:, :keep], [S[:keep, None] * Vh[:keep, i * cols : (i + 1) * cols] for i in range(len(factors))]
+
+
 @dataclass(frozen=True)
 class Knots:
     """KnOTS over LoRA updates; the result stays low-rank (rank ≤ the sum of the input ranks)."""
@@ -61,6 +74,17 @@ class Knots:
     name = "knots"
 
     def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        return self._merge(updates, self._check(updates, weights), shared_basis)
+
+    def reference(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        """The same merge by the obvious route (every ΔW_i materialised, SVD of the out × n·in concatenation):
+        the plain engine's merge, for checking. The result is dense."""
+        w = self._check(updates, weights)
+        merged = self._merge(updates, w, dense_basis)
+        return result({n: Dense(m.delta()) for n, m in merged.modules.items()}, updates, self.name,
+                      params_of(self), w)
+
+    def _check(self, updates: Sequence[Update], weights: Sequence[float] | None) -> list[float]:
         if self.inner not in ("ties", "mean"):
             raise MergeabilityError(f"knots inner merge must be 'ties' or 'mean', got {self.inner!r}")
         check_sparsify(self.density, self.dare)
@@ -71,6 +95,9 @@ class Knots:
         for u in updates:
             if any(not isinstance(m, LowRank) for m in u.modules.values()):
                 raise MergeabilityError("knots needs low-rank (LoRA) updates: merge dense updates with ties or mean")
+        return w
+
+    def _merge(self, updates: Sequence[Update], w: list[float], basis) -> Update:
         dtype = compute_dtype(updates)
         names = sorted({n for u in updates for n in u.modules})
         bases: dict[str, Tensor] = {}
@@ -80,7 +107,7 @@ class Knots:
             # The weights scale each update before the SVD, so trimming and sign election see them.
             fs = [updates[i].modules[name] for i in idx]
             fs = [f if f.dtype == dtype else f.to(dtype) for f in fs]  # keeps the cached QR when it can
-            bases[name], Rs = shared_basis(fs, [w[i] for i in idx], self.rtol)
+            bases[name], Rs = basis(fs, [w[i] for i in idx], self.rtol)
             for i, R_i in zip(idx, Rs):
                 aligned[i][name] = R_i
         if self.inner == "mean":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -12,13 +13,14 @@ from mergeability.merging.base import check_updates, check_weights, compute_dtyp
 from mergeability.updates import Dense, LowRank, Update
 
 
-def linear_combination(updates: Sequence[Update], coefs: Sequence[float]) -> dict:
-    """Σ c_i ΔW_i per module; a module absent from an update counts as ΔW = 0 there."""
+def linear_combination(updates: Sequence[Update], coefs: Sequence[float], dense: bool = False) -> dict:
+    """Σ c_i ΔW_i per module; a module absent from an update counts as ΔW = 0 there. Low-rank inputs give a
+    low-rank result (factors concatenated), unless `dense` asks for the obvious sum of materialised ΔW_i."""
     dtype = compute_dtype(updates)
     out = {}
     for name in check_updates(updates):
         terms = [(c, u.modules[name].to(dtype)) for c, u in zip(coefs, updates) if name in u.modules]
-        if all(isinstance(m, LowRank) for _, m in terms):
+        if not dense and all(isinstance(m, LowRank) for _, m in terms):
             A = torch.cat([m.A for _, m in terms], 0)
             B = torch.cat([(c * m.scale) * m.B for c, m in terms], 1)
             out[name] = LowRank(A, B, 1.0)
@@ -34,9 +36,16 @@ class Mean:
     name = "mean"
 
     def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        return self._merge(updates, weights, dense=False)
+
+    def reference(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        """The obvious route, for checking: the weighted mean of the materialised ΔW_i."""
+        return self._merge(updates, weights, dense=True)
+
+    def _merge(self, updates: Sequence[Update], weights: Sequence[float] | None, dense: bool) -> Update:
         w = check_weights(weights, len(updates))
-        total = sum(w)
-        return result(linear_combination(updates, [x / total for x in w]), updates, self.name, params_of(self), w)
+        coefs = [x / sum(w) for x in w]
+        return result(linear_combination(updates, coefs, dense), updates, self.name, params_of(self), w)
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,15 @@ class TaskArithmetic:
     name = "task_arithmetic"
 
     def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
-        if not torch.isfinite(torch.tensor(self.lam)):
+        return self._merge(updates, weights, dense=False)
+
+    def reference(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+        """The obvious route, for checking: λ times the weighted sum of the materialised ΔW_i."""
+        return self._merge(updates, weights, dense=True)
+
+    def _merge(self, updates: Sequence[Update], weights: Sequence[float] | None, dense: bool) -> Update:
+        if not math.isfinite(self.lam):
             raise MergeabilityError("lambda must be a finite number")
         w = check_weights(weights, len(updates), nonnegative=False)
         coefs = [self.lam * x for x in w]
-        return result(linear_combination(updates, coefs), updates, self.name, params_of(self), w)
+        return result(linear_combination(updates, coefs, dense), updates, self.name, params_of(self), w)

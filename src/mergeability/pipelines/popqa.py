@@ -207,7 +207,7 @@ def run_popqa(cfg: RunConfig, out: Path, *, resume: bool = False, console: Conso
         evaluate = PopqaEvaluator.build(scorer, items)
         with pool_for(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
             run_trials(plan, updates, cfg.method, cfg.method_params, evaluate, record, done, chunk=cfg.batch_rows,
-                       pool=workers)
+                       pool=workers, reference=cfg.engine == "plain")
         timings["trials"] = time.perf_counter() - t
 
     summary = summarize(store, cfg, key, pool)
