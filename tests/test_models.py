@@ -29,6 +29,21 @@ def test_model_errors(tiny_model_dir, tmp_path):
         load_model(str(tmp_path / "nowhere"))
 
 
+def test_device_errors(tiny_model_dir, monkeypatch):
+    from mergeability.models import check_device
+
+    assert check_device("cpu").type == "cpu"
+    with pytest.raises(MergeabilityError, match="unknown device 'gpu0'"):
+        load_model(str(tiny_model_dir), device="gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MergeabilityError, match="--device cuda: .*use --device cpu"):
+        load_model(str(tiny_model_dir), device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(MergeabilityError, match="only 1 CUDA device"):
+        check_device("cuda:3")
+
+
 def test_not_a_causal_lm_is_an_error(tmp_path):
     from transformers import BertConfig, BertModel
 

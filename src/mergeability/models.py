@@ -91,6 +91,25 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def check_device(device: str) -> torch.device:
+    """The device as torch names it, or a one-line error saying why it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MergeabilityError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise MergeabilityError(f"--device {device}: {why}; use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergeabilityError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MergeabilityError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise MergeabilityError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def load_model(
     name: str = BUNDLED,
     *,
@@ -106,6 +125,7 @@ def load_model(
     hf_logging.set_verbosity_error()
     if dtype not in DTYPES:
         raise MergeabilityError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_device(device)
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
