@@ -1,5 +1,6 @@
 """The Ray backend: the same study on a local Ray (2 CPUs) gives exactly the local backend's scores."""
 
+import shutil
 import sqlite3
 import sys
 
@@ -60,3 +61,36 @@ def test_ray_backend_task_run_is_identical(tiny_model_dir, tmp_path, local_ray):
     q = "SELECT target, trial, partners, correct, probs FROM trials ORDER BY target, trial"
     rows = {d: sqlite3.connect(tmp_path / d / "results.sqlite").execute(q).fetchall() for d in ("local", "ray")}
     assert rows["ray"] == rows["local"] and len(rows["ray"]) == 4 * 3
+
+
+def test_ray_backend_weighted_experiment_is_identical(tiny_model_dir, tmp_path, local_ray, monkeypatch):
+    from test_task_pipeline import cfg_for as task_cfg
+
+    from mergeability import backends
+    from test_task_pipeline import make_pool
+
+    from mergeability.pipelines import run_tasks
+    from mergeability.store import Store
+    from mergeability.weighted import WeightedSpec, run_weighted
+
+    pool = make_pool(tmp_path / "pool", tiny_model_dir, n_weak=3, n_strong=3)
+    quiet = Console(quiet=True)
+    run_tasks(task_cfg(tiny_model_dir, pool, trials=1, partners=1), tmp_path / "run", console=quiet)
+    spec = WeightedSpec(sets=2, low=1, high=1, temperature=0.5, sweep=(), methods=("mean", "knots"))
+    jobs = []
+
+    class CountingRayPool(backends.RayPool):  # proves the units ran on Ray actors
+        def map(self, job, payloads):
+            jobs.extend(payloads)
+            return super().map(job, payloads)
+
+    monkeypatch.setattr(backends, "RayPool", CountingRayPool)
+    rows = {}
+    for backend in ("local", "ray"):
+        d = tmp_path / backend
+        shutil.copytree(tmp_path / "run", d)
+        run_weighted(d, spec, quiet, {"backend": backend, "workers": 2})
+        store = Store(d / "results.sqlite", lock=False)
+        rows[backend] = store.experiment_rows("weighted")
+        store.close()
+    assert rows["ray"] == rows["local"] and len(rows["ray"]) == len(jobs) == 2 * 2 * 2

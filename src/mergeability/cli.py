@@ -291,10 +291,12 @@ def experiment(
             get_method(m)
         spec = WeightedSpec(sets=sets, low=low, high=high, temperature=temperature,
                             sweep=tuple(_floats(sweep, "--sweep")), methods=ms)
-        run_weighted(run_dir, spec, console)
+    overrides = dict(backend=backend, ray_address=ray_address, workers=workers)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if name == "weighted":
+        run_weighted(run_dir, spec, console, overrides)
     else:
-        overrides = {"backend": backend, "ray_address": ray_address, "workers": workers}
-        run_experiment(name, run_dir, console, {k: v for k, v in overrides.items() if v is not None})
+        run_experiment(name, run_dir, console, overrides)
     html_path, _ = build_report(run_dir)
     console.print(f"experiment {name} recorded in {run_dir / 'results.sqlite'}; report refreshed: {html_path}")
 

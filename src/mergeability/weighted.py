@@ -66,10 +66,24 @@ def units(spec: WeightedSpec, sets) -> list[tuple[str, dict]]:
     return out
 
 
-def run_weighted(run_dir: Path, spec: WeightedSpec, console: Console | None = None) -> None:
-    from mergeability.merging import base_accuracy_weights, get_method
+def weighted_job(evaluate, updates, payload) -> dict[str, float]:
+    """One unit: merge the set (plainly or with weights) once, then each member task's accuracy under it."""
+    from mergeability.estimate import Trial
+    from mergeability.merging import get_method
+
+    method, members, w = payload
+    merged = get_method(method).merge([updates[n] for n in members], w)
+    res = evaluate([Trial(n, 0, ()) for n in members], [merged] * len(members))
+    return {n: r[0] for n, r in zip(members, res)}
+
+
+def run_weighted(run_dir: Path, spec: WeightedSpec, console: Console | None = None,
+                 overrides: dict | None = None) -> None:
+    """Run the experiment on a task-level run (resumable); `overrides` change how it runs (backend, workers)."""
+    from mergeability.backends import pool_for
+    from mergeability.merging import base_accuracy_weights
     from mergeability.pipelines import _progress, open_run_dir
-    from mergeability.pipelines.tasks import kept_tasks, prepare_tasks, task_accuracy
+    from mergeability.pipelines.tasks import TaskEvaluator, kept_tasks, prepare_tasks
     from mergeability.updates import load_update
 
     spec.check()
@@ -80,25 +94,25 @@ def run_weighted(run_dir: Path, spec: WeightedSpec, console: Console | None = No
         store.close()
         raise MergeabilityError(f"{run_dir} is an example-level run: the weighted experiment needs a task-level run "
                                 "(mergeability run tasks)")
+    cfg = cfg.replace(**(overrides or {}))
     rows = {r["name"]: r for r in store.rows("SELECT name, path, base_acc FROM tasks")}
     names = [n for n in kept_tasks(store, cfg.threshold) if n in rows]
     sets = task_sets({n: rows[n]["base_acc"] for n in names}, spec, cfg.seed)
     prep = prepare_tasks(cfg)
-    by_name = {t.name: t for t in prep.tasks}
-    model, tok = prep.lm.model, prep.lm.tokenizer
     updates = {n: load_update(run_dir / rows[n]["path"]) for n in {n for w, s in sets for n in w + s}}
-    todo = units(spec, sets)
     done = store.experiment_rows(NAME)
-    with _progress(console) as progress:
-        bar = progress.add_task(NAME, total=len(todo), completed=sum(k in done for k, _ in todo))
-        for key, u in todo:
-            if key in done:
-                continue
-            members = u["weak"] + u["strong"]
-            w = None if u["T"] is None else base_accuracy_weights([rows[n]["base_acc"] for n in members], u["T"])
-            merged = get_method(u["method"]).merge([updates[n] for n in members], w)
-            acc = {n: task_accuracy(cfg, model, tok, by_name[n], merged)[0] for n in members}
-            store.add_experiment(NAME, key, {"acc": acc, "weights": w})
+    every = units(spec, sets)
+    todo = [(key, u) for key, u in every if key not in done]
+    payloads = []
+    for _, u in todo:
+        members = u["weak"] + u["strong"]
+        w = None if u["T"] is None else base_accuracy_weights([rows[n]["base_acc"] for n in members], u["T"])
+        payloads.append((u["method"], members, w))
+    evaluate = TaskEvaluator.build(cfg, prep.lm.model, prep.lm.tokenizer, prep.tasks)
+    with _progress(console) as progress, pool_for(cfg, TaskEvaluator(cfg), evaluate, updates) as workers:
+        bar = progress.add_task(NAME, total=len(every), completed=len(every) - len(todo))
+        for i, acc in workers.map(weighted_job, payloads):
+            store.add_experiment(NAME, todo[i][0], {"acc": acc, "weights": payloads[i][2]})
             progress.advance(bar)
     store.set_meta("weighted_spec", {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()})
     store.close()
