@@ -42,14 +42,26 @@ def params_key(method: str, params: Mapping) -> str:
     return json.dumps({"method": method, **params}, sort_keys=True)
 
 
-def trial_chunk(evaluate, updates: Mapping[str, Update], payload) -> list:
-    """One job: merge each trial of a chunk (by the method's fast route, or its obvious reference route),
-    then evaluate the chunk in one batch."""
-    method, params, batch, reference = payload
+def merge_route(method: str, params: Mapping, reference: bool) -> Callable[..., Update]:
+    """The method's fast `merge`, or its obvious `reference` route (what the plain engine checks with)."""
     merger = get_method(method, **params)
-    merge = merger.reference if reference else merger.merge
+    return merger.reference if reference else merger.merge
+
+
+def trial_chunk(evaluate, updates: Mapping[str, Update], payload) -> list:
+    """One job: merge each trial of a chunk, then evaluate the chunk in one batch."""
+    method, params, batch, reference = payload
+    merge = merge_route(method, params, reference)
     merged = [merge([updates[t.target], *(updates[p] for p in t.partners)]) for t in batch]
     return list(evaluate(batch, merged))
+
+
+def merge_set_job(evaluate, updates: Mapping[str, Update], payload) -> list:
+    """One job: merge a set of updates once (with optional weights), then evaluate every member's own item or
+    task under that one merge. The experiments' unit of work."""
+    method, params, members, weights, reference = payload
+    merged = merge_route(method, params, reference)([updates[m] for m in members], weights)
+    return list(evaluate([Trial(m, 0, ()) for m in members], [merged] * len(members)))
 
 
 def run_trials(

@@ -16,7 +16,7 @@ from mergeability.analysis.claims import ALPHA, Verdict, directional
 from mergeability.analysis.stats import assign_bins, spearman
 from mergeability.config import TaskConfig
 from mergeability.errors import MergeabilityError
-from mergeability.estimate import params_key, plan_trials, run_trials
+from mergeability.estimate import merge_set_job, params_key, plan_trials, run_trials
 
 NAMES = ("algorithms", "robustness", "locality", "groups")
 REPEATS = 3  # random draws per setting of locality and groups
@@ -127,18 +127,6 @@ def groups_units(cfg, sc: dict[str, float]) -> list[tuple[str, dict]]:
     return units
 
 
-def unit_job(evaluate, updates, payload) -> dict[str, int]:
-    """One merge-set evaluation: merge the members once, then score every member's item under the merge."""
-    from mergeability.estimate import Trial
-    from mergeability.merging import get_method
-
-    method, params, members, reference = payload
-    merger = get_method(method, **params)
-    merged = (merger.reference if reference else merger.merge)([updates[i] for i in members])
-    res = evaluate([Trial(i, 0, ()) for i in members], [merged] * len(members))
-    return {i: int(r.correct) for i, r in zip(members, res)}
-
-
 def _run_units(name, units, cfg, prep, store, updates, by_id, console) -> None:
     from mergeability.backends import pool_for
     from mergeability.pipelines import PopqaEvaluator, _progress
@@ -149,8 +137,10 @@ def _run_units(name, units, cfg, prep, store, updates, by_id, console) -> None:
         task = progress.add_task(name, total=len(units), completed=len(units) - len(todo))
         evaluate = PopqaEvaluator.build(prep.scorer, prep.items)
         with pool_for(cfg, PopqaEvaluator(cfg), evaluate, updates) as workers:
-            payloads = [(cfg.method, cfg.method_params, spec["merge"], cfg.engine == "plain") for _, spec in todo]
-            for i, correct in workers.map(unit_job, payloads):
+            payloads = [(cfg.method, cfg.method_params, spec["merge"], None, cfg.engine == "plain")
+                        for _, spec in todo]
+            for i, res in workers.map(merge_set_job, payloads):
+                correct = {m: int(r.correct) for m, r in zip(payloads[i][2], res)}
                 store.add_experiment(name, todo[i][0], {"correct": correct})
                 progress.advance(task)
 

@@ -66,21 +66,11 @@ def units(spec: WeightedSpec, sets) -> list[tuple[str, dict]]:
     return out
 
 
-def weighted_job(evaluate, updates, payload) -> dict[str, float]:
-    """One unit: merge the set (plainly or with weights) once, then each member task's accuracy under it."""
-    from mergeability.estimate import Trial
-    from mergeability.merging import get_method
-
-    method, members, w = payload
-    merged = get_method(method).merge([updates[n] for n in members], w)
-    res = evaluate([Trial(n, 0, ()) for n in members], [merged] * len(members))
-    return {n: r[0] for n, r in zip(members, res)}
-
-
 def run_weighted(run_dir: Path, spec: WeightedSpec, console: Console | None = None,
                  overrides: dict | None = None) -> None:
     """Run the experiment on a task-level run (resumable); `overrides` change how it runs (backend, workers)."""
     from mergeability.backends import pool_for
+    from mergeability.estimate import merge_set_job
     from mergeability.merging import base_accuracy_weights
     from mergeability.pipelines import _progress, open_run_dir
     from mergeability.pipelines.tasks import TaskEvaluator, kept_tasks, prepare_tasks
@@ -107,12 +97,13 @@ def run_weighted(run_dir: Path, spec: WeightedSpec, console: Console | None = No
     for _, u in todo:
         members = u["weak"] + u["strong"]
         w = None if u["T"] is None else base_accuracy_weights([rows[n]["base_acc"] for n in members], u["T"])
-        payloads.append((u["method"], members, w))
+        payloads.append((u["method"], {}, members, w, False))
     evaluate = TaskEvaluator.build(cfg, prep.lm.model, prep.lm.tokenizer, prep.tasks)
     with _progress(console) as progress, pool_for(cfg, TaskEvaluator(cfg), evaluate, updates) as workers:
         bar = progress.add_task(NAME, total=len(every), completed=len(every) - len(todo))
-        for i, acc in workers.map(weighted_job, payloads):
-            store.add_experiment(NAME, todo[i][0], {"acc": acc, "weights": payloads[i][2]})
+        for i, res in workers.map(merge_set_job, payloads):
+            _, _, members, w, _ = payloads[i]
+            store.add_experiment(NAME, todo[i][0], {"acc": {n: r[0] for n, r in zip(members, res)}, "weights": w})
             progress.advance(bar)
     store.set_meta("weighted_spec", {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()})
     store.close()
