@@ -16,9 +16,10 @@ import time
 import torch
 
 from mergeability import exact_match
+from mergeability.config import TaskTraining
 from mergeability.data.suite import build_suite
 from mergeability.models import BUNDLED, load_model, module_name, num_layers
-from mergeability.training import TaskTrainConfig, train_task_lora
+from mergeability.training import train_task_update
 
 
 def main() -> None:
@@ -49,8 +50,8 @@ def main() -> None:
         deltas = {}
         for kind in ("plain", "fast"):
             t = time.perf_counter()
-            upd, _ = train_task_lora(model, tok, task.split("train"), mods, TaskTrainConfig(epochs=1), seed=0,
-                                     key=task.name, plain=kind == "plain")
+            upd, _ = train_task_update(model, tok, task.split("train"), mods, TaskTraining(epochs=1), seed=0,
+                                       key=task.name, plain=kind == "plain")
             times[f"train {kind}"] += time.perf_counter() - t
             deltas[kind] = upd
         for name in mods:

@@ -1,9 +1,10 @@
 """Per-item LoRA training: PEFT on the full model vs this package's cached path, side by side.
 
 Both train r = 64, alpha = 128 on mlp.up_proj of the middle layer, lr 4e-3, 10 epochs, from the same initial
-factors, on the bundled model's geo passages. The cached path runs the frozen layers below the adapted one
-once per passage instead of once per step, and trains several passages per batch. Prints seconds per update, the largest relative difference of the
-trained ΔW, and `ratio: X` (cached time / PEFT time; below 1 is faster) last.
+factors, on the bundled model's geo passages. The cached path (`train_updates_cached`) runs the frozen layers
+below the adapted one once per passage instead of once per step, one passage at a time and several per batch.
+Prints seconds per update, the largest relative difference of the trained ΔW, and `ratio: X` (cached time in
+batches / PEFT time; below 1 is faster) last.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import time
 
 import torch
 
+from mergeability.config import ItemTraining
 from mergeability.data.geo import build_geo
 from mergeability.engine import Engine
 from mergeability.models import BUNDLED, load_model, module_name, num_layers
-from mergeability.training import TrainConfig, init_factors, split_passage, train_lora, train_loras
+from mergeability.training import init_factors, split_passage, train_updates_cached
 
 
 def main() -> None:
@@ -30,7 +32,7 @@ def main() -> None:
 
     lm = load_model(BUNDLED)
     name = module_name(lm.model, num_layers(lm.model) // 2, "mlp.up_proj")
-    cfg = TrainConfig()
+    cfg = ItemTraining()
     facts = build_geo(limit=args.items, seed=1)
     passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens) for f in facts]
 
@@ -45,7 +47,7 @@ def main() -> None:
             lora.lora_A["default"].weight.copy_(A0)
             lora.lora_B["default"].weight.zero_()
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=cfg.step_lr, weight_decay=0.0)
         for _ in range(cfg.epochs):
             for ids in seqs:
                 loss = peft_model(ids, labels=ids).loss
@@ -58,14 +60,14 @@ def main() -> None:
 
     engine = Engine(model, lm.tokenizer, [name])
     t = time.perf_counter()
-    single = [train_lora(model, seqs, [name], cfg, seed=0, key=f.id, engine=engine)[0].delta(name)
+    single = [train_updates_cached(engine, [seqs], [f.id], [name], cfg, seed=0)[0][0].delta(name)
               for f, seqs in zip(facts, passages)]
     t_single = (time.perf_counter() - t) / len(facts)
     t = time.perf_counter()
     batched = []
     for s in range(0, len(facts), args.batch):
-        out = train_loras(engine, passages[s : s + args.batch], [f.id for f in facts[s : s + args.batch]], [name], cfg,
-                          seed=0)
+        out = train_updates_cached(engine, passages[s : s + args.batch], [f.id for f in facts[s : s + args.batch]],
+                                   [name], cfg, seed=0)
         batched += [u.delta(name) for u, _ in out]
     t_cached = (time.perf_counter() - t) / len(facts)
     rel = lambda xs: max(((a - b).norm() / b.norm()).item() for a, b in zip(xs, peft_deltas))  # noqa: E731

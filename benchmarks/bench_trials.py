@@ -28,6 +28,28 @@ from mergeability.scoring import PlainScorer
 from mergeability.updates import LowRank, Update
 
 
+def run(plan, updates, by_id, scorer, merge, chunk):
+    """The trials through one path, `chunk` at a time: (merge s/trial, scoring s/trial, scores, merged updates)."""
+    t_merge = t_score = 0.0
+    merged_all, out = [], []
+    for s in range(0, len(plan), chunk):
+        batch = plan[s : s + chunk]
+        t = time.perf_counter()
+        merged = [merge([updates[p.target], *(updates[q] for q in p.partners)]) for p in batch]
+        t_merge += time.perf_counter() - t
+        t = time.perf_counter()
+        out += scorer.score([(by_id[p.target], u) for p, u in zip(batch, merged)])
+        t_score += time.perf_counter() - t
+        merged_all += merged
+    return t_merge / len(plan), t_score / len(plan), out, merged_all
+
+
+def compare(a, b):
+    """(predictions that agree, largest option-score difference) of two lists of ItemScores."""
+    agree = sum(x.pred == y.pred for x, y in zip(a, b))
+    return agree, max(max(abs(u - v) for u, v in zip(x.scores, y.scores)) for x, y in zip(a, b))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=24, help="trials in all (targets × M)")
@@ -55,30 +77,12 @@ def main() -> None:
     plan = plan_trials(0, targets, sorted(updates), m, args.partners)[: args.trials]
     knots = get_method("knots")
 
-    def run(scorer, merge, chunk):
-        t_merge = t_score = 0.0
-        merged_all, out = [], []
-        for s in range(0, len(plan), chunk):
-            batch = plan[s : s + chunk]
-            t = time.perf_counter()
-            merged = [merge([updates[p.target], *(updates[q] for q in p.partners)]) for p in batch]
-            t_merge += time.perf_counter() - t
-            t = time.perf_counter()
-            out += scorer.score([(by_id[p.target], u) for p, u in zip(batch, merged)])
-            t_score += time.perf_counter() - t
-            merged_all += merged
-        return t_merge / len(plan), t_score / len(plan), out, merged_all
-
     engine = Engine(lm.model, lm.tokenizer, [name], batch_rows=args.batch_rows)
     plain = PlainScorer(lm.model, lm.tokenizer)
     # The engine's time includes building the activation cache for these items.
-    e_merge, e_score, fast, fast_merged = run(engine, knots.merge, args.batch_rows)
-    p_merge, p_score, slow, _ = run(plain, knots.reference, 1)
+    e_merge, e_score, fast, fast_merged = run(plan, updates, by_id, engine, knots.merge, args.batch_rows)
+    p_merge, p_score, slow, _ = run(plan, updates, by_id, plain, knots.reference, 1)
     same = plain.score([(by_id[p.target], u) for p, u in zip(plan, fast_merged)])  # untimed parity check
-
-    def compare(a, b):
-        agree = sum(x.pred == y.pred for x, y in zip(a, b))
-        return agree, max(max(abs(u - v) for u, v in zip(x.scores, y.scores)) for x, y in zip(a, b))
 
     t_plain, t_eng = p_merge + p_score, e_merge + e_score
     print(f"{len(plan)} trials, N={args.partners} partners, KnOTS, rank {args.rank}, {name}, "

@@ -6,7 +6,7 @@ import pytest
 
 from mergeability.analysis.claims import directional, no_correlation
 from mergeability.analysis.stats import binomial_baseline, bootstrap_ci, per_bin, spearman
-from mergeability.config import RunConfig, save_config
+from mergeability.config import from_flat, save_config
 from mergeability.estimate import params_key
 from mergeability.report.build import build_report
 from mergeability.store import Store
@@ -17,12 +17,12 @@ M = 5
 def synthetic_run(path, n=80, seed=0):
     """A run whose scores are over-dispersed and whose 'gap' falls, 'prob_gain' rises, the rest is noise."""
     rng = np.random.default_rng(seed)
-    cfg = RunConfig(trials=M, partners=3, items=n)
+    cfg = from_flat("examples", trials=M, partners=3, items=n)
     path.mkdir()
     save_config(cfg, path / "config.yaml")
     store = Store(path / "results.sqlite")
     store.set_meta("provenance", {"model": "synthetic", "seed": seed})
-    key = params_key(cfg.method, {**cfg.method_params, "partners": cfg.partners})
+    key = params_key(cfg.merge.method, {**cfg.merge.params, "partners": cfg.merge.partners})
     p = rng.beta(0.5, 0.5, n)  # per-update success probability: far from one pooled p
     for i in range(n):
         k = rng.binomial(M, p[i])
@@ -36,7 +36,7 @@ def synthetic_run(path, n=80, seed=0):
                               post_scores=[1.0] + [0.0] * 7, post_gold_prob=0.2 + 0.5 * score + 0.5 * score + 0.05 * rng.random(),
                               post_gap=0.0, fro_norm=float(rng.normal(30, 2)), top_sv=float(rng.normal(25, 2))))
         for t in range(M):
-            store.add_trial(dict(target=f"u{i}", trial=t, method=cfg.method, params=key, partners=["x"],
+            store.add_trial(dict(target=f"u{i}", trial=t, method=cfg.merge.method, params=key, partners=["x"],
                                  correct=int(t < k), probs=[1.0]))
     store.close()
     return path

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mergeability import MergeabilityError
-from mergeability.data import build_items, load_facts, normalize
+from mergeability.data import alias_key, build_items, load_facts
 from mergeability.data.facts import load_file
 from mergeability.data.geo import RELATIONS, answer_pool, build_geo
 
@@ -70,9 +70,9 @@ def test_geo_builds_a_balanced_seeded_subset():
         assert len(answer_pool(r)) >= 8
 
 
-def test_normalize():
-    assert normalize("The  United-States!") == "unitedstates"
-    assert normalize("an Apple") == "apple"
+def test_alias_key():
+    assert alias_key("The  United-States!") == "unitedstates"
+    assert alias_key("an Apple") == "apple"
 
 
 def test_multiple_choice_invariants():
@@ -84,10 +84,10 @@ def test_multiple_choice_invariants():
     other = build_items(facts, pools=pools, seed=2)
     assert [i.options for i in items] != [i.options for i in other]
     for it in items:
-        assert len(it.options) == 8 and len({normalize(o) for o in it.options}) == 8
+        assert len(it.options) == 8 and len({alias_key(o) for o in it.options}) == 8
         assert it.options.count(it.fact.obj) == 1 and it.options[it.gold] == it.fact.obj
-        aliases = {normalize(a) for a in it.fact.possible_answers}
-        assert not any(normalize(o) in aliases for i, o in enumerate(it.options) if i != it.gold)
+        aliases = {alias_key(a) for a in it.fact.possible_answers}
+        assert not any(alias_key(o) in aliases for i, o in enumerate(it.options) if i != it.gold)
         assert it.prompt.count(it.fact.question) == 1 and it.prompt.endswith(f"Question: {it.fact.question}\nAnswer:")
         assert it.prompt.count("Question:") == 4  # k = 3 solved examples
         shots = it.prompt.split("\n\n")[:-1]

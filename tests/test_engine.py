@@ -5,11 +5,13 @@ import torch
 
 from conftest import random_update, word_facts
 from mergeability import merge
+from mergeability.batching import attention_bias, pad_rows, padding_mask
+from mergeability.config import ItemTraining
 from mergeability.data import build_items
-from mergeability.engine import Engine, attention_bias, pack
+from mergeability.engine import Engine, pack
 from mergeability.models import load_model
 from mergeability.scoring import PlainScorer
-from mergeability.training import TrainConfig, init_factors, split_passage, train_lora
+from mergeability.training import init_factors, split_passage, train_update, train_updates_cached
 
 UP1, Q1, UP0 = "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.up_proj"
 SHAPES = {UP1: (256, 128), Q1: (128, 128), UP0: (256, 128)}
@@ -78,6 +80,15 @@ def test_packed_mask_isolates_options(lm):
                 assert visible == (k <= q and (k < P or seg[k] == seg[q]))
 
 
+def test_pad_rows_and_padding_mask():
+    rows = [[5, 6, 7], [8]]
+    assert pad_rows(rows, 0).tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert pad_rows(rows, -1, 4, left=True).tolist() == [[-1, 5, 6, 7], [-1, -1, -1, 8]]
+    assert padding_mask([3, 1], 4, left=True).tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    h = pad_rows([torch.ones(2, 3), torch.ones(1, 3)], 0)  # tensor rows keep their trailing dims and dtype
+    assert h.shape == (2, 2, 3) and h.dtype == torch.float32 and h[1, 1].abs().sum() == 0
+
+
 def _peft_train(model, seqs, module, cfg, A0):
     """PEFT on the full model, the textbook loop: each epoch one step per sequence."""
     from peft import LoraConfig, get_peft_model
@@ -89,7 +100,7 @@ def _peft_train(model, seqs, module, cfg, A0):
         lora.lora_A["default"].weight.copy_(A0)
         lora.lora_B["default"].weight.zero_()
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.step_lr, weight_decay=0.0)
     for _ in range(cfg.epochs):
         for ids in seqs:
             loss = pm(ids, labels=ids).loss
@@ -105,33 +116,33 @@ def test_split_passage(lm):
 
 
 def test_cached_training_matches_peft_training(lm):
-    cfg = TrainConfig(rank=8, alpha=16, lr=4e-3, epochs=10)
+    cfg = ItemTraining(rank=8, alpha=16, lr=4e-3, epochs=10)
     seqs = split_passage(lm.tokenizer, word_facts()[3].passage, cfg.max_tokens)
     assert len(seqs) == 3
     A0, _ = init_factors(SHAPES[UP1], cfg.rank, 0, f"k/{UP1}")
     ref = _peft_train(lm.model, seqs, UP1, cfg, A0)
     eng = Engine(lm.model, lm.tokenizer, [UP1])
-    for engine in (eng, None):
-        upd, stats = train_lora(lm.model, seqs, [UP1], cfg, seed=0, key="k", engine=engine)
+    cached = train_updates_cached(eng, [seqs], ["k"], [UP1], cfg, seed=0)[0]
+    for upd, stats in (cached, train_update(lm.model, seqs, [UP1], cfg, seed=0, key="k")):
         got = upd.delta(UP1)
         assert ref.norm() > 0
         assert ((got - ref).norm() / ref.norm()).item() < 1e-4
-    assert stats.passage_tokens == sum(s.shape[1] for s in seqs) and stats.passage_ppl > 1
+        assert stats.input_tokens == sum(s.shape[1] for s in seqs) and stats.base_ppl > 1
+        assert upd.meta["training"] == {"update": "lora", "lr": 4e-3, "epochs": 10, "seed": 0, "rank": 8, "alpha": 16}
 
 
 def test_batched_training_matches_one_at_a_time_and_peft(lm):
-    from mergeability.training import train_loras
-
-    cfg = TrainConfig(rank=8, alpha=16, lr=4e-3, epochs=10)
+    cfg = ItemTraining(rank=8, alpha=16, lr=4e-3, epochs=10)
     facts = word_facts()[:3]
     passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens) for f in facts]
     assert len({p[0].shape[1] for p in passages}) > 1  # different lengths: the batch is padded
     eng = Engine(lm.model, lm.tokenizer, [UP1])
-    batched = train_loras(eng, passages, [f.id for f in facts], [UP1], cfg, seed=0)
+    batched = train_updates_cached(eng, passages, [f.id for f in facts], [UP1], cfg, seed=0)
     for f, seqs, (upd, stats) in zip(facts, passages, batched):
         A0, _ = init_factors(SHAPES[UP1], cfg.rank, 0, f"{f.id}/{UP1}")
         ref = _peft_train(lm.model, seqs, UP1, cfg, A0)
         assert ((upd.delta(UP1) - ref).norm() / ref.norm()).item() < 1e-4
-        alone, alone_stats = train_lora(lm.model, seqs, [UP1], cfg, seed=0, key=f.id)
-        assert abs(stats.passage_ppl - alone_stats.passage_ppl) < 1e-4 * alone_stats.passage_ppl
+        alone, alone_stats = train_update(lm.model, seqs, [UP1], cfg, seed=0, key=f.id)
+        assert abs(stats.base_ppl - alone_stats.base_ppl) < 1e-4 * alone_stats.base_ppl
         assert abs(stats.loss - alone_stats.loss) < 1e-3 * alone_stats.loss
+        assert stats.input_tokens == alone_stats.input_tokens == sum(s.shape[1] for s in seqs)

@@ -7,9 +7,10 @@ import torch
 from rich.console import Console
 
 from conftest import run_cli, word_facts
+from mergeability.config import ItemTraining
 from mergeability.engine import Engine
 from mergeability.models import get_module, load_model
-from mergeability.training import TrainConfig, split_passage, train_lora, train_loras
+from mergeability.training import split_passage, train_update, train_updates_cached
 from mergeability.updates import Dense, load_update, save_update
 from test_pipeline import cfg_for, dataset  # noqa: F401  (the fixture)
 
@@ -24,7 +25,7 @@ def weight_trained(model, seqs, name, cfg):
     w = get_module(m, name).weight
     before = w.detach().clone()
     w.requires_grad_(True)
-    opt = torch.optim.AdamW([w], lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([w], lr=cfg.step_lr, weight_decay=0.0)
     for _ in range(cfg.epochs):
         for ids in seqs:
             loss = m(ids, labels=ids).loss
@@ -36,15 +37,17 @@ def weight_trained(model, seqs, name, cfg):
 
 def test_full_updates_match_training_the_weight(wide_model_dir):
     lm = load_model(str(wide_model_dir))
-    cfg = TrainConfig(lr=1e-3, epochs=4, update="full")
+    cfg = ItemTraining(full_lr=1e-3, epochs=4, update="full")
     facts = word_facts()[:3]
     passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens) for f in facts]
-    batched = train_loras(Engine(lm.model, lm.tokenizer, [UP1]), passages, [f.id for f in facts], [UP1], cfg, seed=0)
+    eng = Engine(lm.model, lm.tokenizer, [UP1])
+    batched = train_updates_cached(eng, passages, [f.id for f in facts], [UP1], cfg, seed=0)
     for f, seqs, (upd, _) in zip(facts, passages, batched):
         ref = weight_trained(lm.model, seqs, UP1, cfg)
-        plain, _ = train_lora(lm.model, seqs, [UP1], cfg, seed=0, key=f.id)
+        plain, _ = train_update(lm.model, seqs, [UP1], cfg, seed=0, key=f.id)
         for got in (upd, plain):
             assert isinstance(got.modules[UP1], Dense)
+            assert got.meta["training"] == {"update": "full", "lr": 1e-3, "epochs": 4, "seed": 0}  # the lr used
             # (after − before) of a float32 weight carries its rounding: 1e-3 relative is that, not a difference
             assert ((got.delta(UP1).double() - ref).norm() / ref.norm()).item() < 1e-3
         assert ((upd.delta(UP1) - plain.delta(UP1)).norm() / plain.delta(UP1).norm()).item() < 1e-4
@@ -61,10 +64,10 @@ def test_dense_updates_save_and_load_as_dense(tmp_path):
 
 
 def test_full_update_run_with_ties(tiny_model_dir, dataset, tmp_path, capsys):  # noqa: F811
-    from mergeability.pipelines import run_popqa
+    from mergeability.pipelines import run_examples
 
-    s = run_popqa(cfg_for(tiny_model_dir, dataset, update="full", full_lr=1e-2, method="ties"), tmp_path / "run",
-                  console=Console(quiet=True))
+    s = run_examples(cfg_for(tiny_model_dir, dataset, update="full", full_lr=1e-2, method="ties"), tmp_path / "run",
+                     console=Console(quiet=True))
     assert s["kept"] > 2
     db = sqlite3.connect(tmp_path / "run" / "results.sqlite")
     path, = db.execute("SELECT path FROM updates WHERE kept = 1 LIMIT 1").fetchone()

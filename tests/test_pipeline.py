@@ -6,8 +6,8 @@ from rich.console import Console
 
 from conftest import run_cli, word_facts
 from mergeability import MergeabilityError, load_update
-from mergeability.config import RunConfig
-from mergeability.pipelines import run_popqa
+from mergeability.config import from_flat
+from mergeability.pipelines import run_examples
 from mergeability.store import Store
 
 
@@ -23,7 +23,7 @@ def dataset(tmp_path_factory):
 def cfg_for(model_dir, dataset, **kw):
     base = dict(model=str(model_dir), dataset=str(dataset), items=20, layer=1, rank=4, alpha=8, lr=0.05,
                 trials=3, partners=2, seed=0)
-    return RunConfig(**{**base, **kw})
+    return from_flat("examples", **{**base, **kw})
 
 
 QUIET = Console(quiet=True)
@@ -48,7 +48,7 @@ def kill_after(monkeypatch, method, n):
 
 
 def test_run_writes_store_scores_and_adapters(tiny_model_dir, dataset, tmp_path):
-    s = run_popqa(cfg_for(tiny_model_dir, dataset), tmp_path / "run", console=QUIET)
+    s = run_examples(cfg_for(tiny_model_dir, dataset), tmp_path / "run", console=QUIET)
     assert s["screened"] == 20 and s["kept"] > 2 and sum(s["histogram"].values()) == s["kept"]
     db = sqlite3.connect(tmp_path / "run" / "results.sqlite")
     n_trials, = db.execute("SELECT COUNT(*) FROM trials").fetchone()
@@ -65,21 +65,21 @@ def test_run_writes_store_scores_and_adapters(tiny_model_dir, dataset, tmp_path)
 
 def test_killed_and_resumed_run_matches_uninterrupted(tiny_model_dir, dataset, tmp_path, monkeypatch):
     cfg = cfg_for(tiny_model_dir, dataset)
-    run_popqa(cfg, tmp_path / "ref", console=QUIET)
+    run_examples(cfg, tmp_path / "ref", console=QUIET)
     out = tmp_path / "killed"
     with monkeypatch.context() as m:  # killed in training …
         kill_after(m, "add_update", 3)
         with pytest.raises(Killed):
-            run_popqa(cfg, out, console=QUIET)
+            run_examples(cfg, out, console=QUIET)
     with monkeypatch.context() as m:  # … and again in the trials
         kill_after(m, "add_trial", 4)
         with pytest.raises(Killed):
-            run_popqa(cfg, out, resume=True, console=QUIET)
+            run_examples(cfg, out, resume=True, console=QUIET)
     db = sqlite3.connect(out / "results.sqlite")
     assert db.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 4
     with monkeypatch.context() as m:
         calls = kill_after(m, "add_trial", 10**9)
-        s = run_popqa(cfg, out, resume=True, console=QUIET)
+        s = run_examples(cfg, out, resume=True, console=QUIET)
     assert calls["n"] == 3 * s["kept"] - 4  # no recorded trial was redone
     assert (out / "scores.csv").read_bytes() == (tmp_path / "ref" / "scores.csv").read_bytes()
     dup = db.execute("SELECT COUNT(*) FROM (SELECT target, trial FROM trials GROUP BY target, trial "
@@ -92,7 +92,7 @@ def test_existing_run_needs_resume(tiny_model_dir, dataset, tmp_path):
     out.mkdir()
     (out / "x").write_text("1")
     with pytest.raises(MergeabilityError, match="--resume"):
-        run_popqa(cfg_for(tiny_model_dir, dataset), out, console=QUIET)
+        run_examples(cfg_for(tiny_model_dir, dataset), out, console=QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +150,13 @@ def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_pa
     from mergeability.report.build import build_report
 
     from mergeability.estimate import params_key
-    from mergeability.pipelines import scores
+    from mergeability.run import scores
 
     cfg = cfg_for(tiny_model_dir, dataset)
     run = tmp_path / "run"
-    s = run_popqa(cfg, run, console=QUIET)
-    key = params_key(cfg.method, {"partners": cfg.partners})
-    main_scores = lambda: scores(Store(run / "results.sqlite"), key, [f"f{i}" for i in range(20)], cfg.trials)  # noqa: E731
+    s = run_examples(cfg, run, console=QUIET)
+    key = params_key(cfg.merge.method, {"partners": cfg.merge.partners})
+    main_scores = lambda: scores(Store(run / "results.sqlite"), key, [f"f{i}" for i in range(20)], cfg.merge.trials)  # noqa: E731
     before = main_scores()
     with monkeypatch.context() as m:
         kill_after(m, "add_trial", 5)
@@ -183,12 +183,13 @@ def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_pa
 
 
 def test_locality_and_groups_experiments(tiny_model_dir, dataset, tmp_path, monkeypatch):
-    from mergeability.experiments import groups_units, locality_units, run_experiment
+    from mergeability.experiments import groups, locality, run_experiment
+    from mergeability.run import example_scores
     from mergeability.report.build import build_report
 
     cfg = cfg_for(tiny_model_dir, dataset)
     run = tmp_path / "run"
-    run_popqa(cfg, run, console=QUIET)
+    run_examples(cfg, run, console=QUIET)
     with monkeypatch.context() as m:
         kill_after(m, "add_experiment", 3)
         with pytest.raises(Killed):
@@ -196,12 +197,9 @@ def test_locality_and_groups_experiments(tiny_model_dir, dataset, tmp_path, monk
     run_experiment("groups", run, QUIET)
     run_experiment("locality", run, QUIET)
     store = Store(run / "results.sqlite")
-    from mergeability.experiments import _main_scores
-
-    kept = {r["item_id"]: None for r in store.rows("SELECT item_id FROM updates WHERE kept = 1")}
-    sc = _main_scores(cfg, store, kept)
-    assert len(store.experiment_rows("groups")) == len(groups_units(cfg, sc))
-    assert len(store.experiment_rows("locality")) == len(locality_units(cfg, sc))
+    sc = example_scores(cfg, store)
+    assert len(store.experiment_rows("groups")) == len(groups.units(cfg, sc))
+    assert len(store.experiment_rows("locality")) == len(locality.units(cfg, sc))
     html, claims = build_report(run)
     text = html.read_text()
     assert "Locality: high-score updates" in text and "mixing lowest- and highest-score" in text
@@ -224,7 +222,7 @@ def test_a_live_run_locks_its_directory(tiny_model_dir, dataset, tmp_path, capsy
         before = sorted(p.name for p in out.iterdir())
         store_bytes = (out / "results.sqlite").read_bytes()
         with pytest.raises(MergeabilityError, match=f"in use by process {holder.pid}"):
-            run_popqa(cfg_for(tiny_model_dir, dataset), out, resume=True, console=QUIET)
+            run_examples(cfg_for(tiny_model_dir, dataset), out, resume=True, console=QUIET)
         code, _, err = run_cli(["run", "popqa", "--model", tiny_model_dir, "--dataset", dataset, "--items", "20",
                                 "--partners", "2", "--out", out, "--resume"], capsys)
         assert code == 2 and f"in use by process {holder.pid}" in err and err.count("\n") == 1
@@ -234,14 +232,14 @@ def test_a_live_run_locks_its_directory(tiny_model_dir, dataset, tmp_path, capsy
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    run_popqa(cfg_for(tiny_model_dir, dataset), out, resume=True, console=QUIET)  # the dead holder's lock is gone
+    run_examples(cfg_for(tiny_model_dir, dataset), out, resume=True, console=QUIET)  # the dead holder's lock is gone
 
 
 def test_plain_engine_run_matches_the_fast_one(tiny_model_dir, dataset, tmp_path):
     """`--engine plain` is the end-to-end check of the fast paths: full-model training, each trial merged by
     KnOTS's dense reference route, ΔW added to the weights. Its trials must agree with the engine's."""
-    fast = run_popqa(cfg_for(tiny_model_dir, dataset), tmp_path / "fast", console=QUIET)
-    plain = run_popqa(cfg_for(tiny_model_dir, dataset, engine="plain"), tmp_path / "plain", console=QUIET)
+    fast = run_examples(cfg_for(tiny_model_dir, dataset), tmp_path / "fast", console=QUIET)
+    plain = run_examples(cfg_for(tiny_model_dir, dataset, engine="plain"), tmp_path / "plain", console=QUIET)
     assert plain["kept"] == fast["kept"]
 
     def trials(run):

@@ -21,11 +21,11 @@ def local_ray():
 
 def test_ray_backend_gives_identical_scores(tiny_model_dir, dataset, tmp_path, local_ray):  # noqa: F811
     from mergeability.experiments import run_experiment
-    from mergeability.pipelines import run_popqa
+    from mergeability.pipelines import run_examples
 
     quiet = Console(quiet=True)
-    run_popqa(cfg_for(tiny_model_dir, dataset, batch_rows=2), tmp_path / "local", console=quiet)
-    run_popqa(cfg_for(tiny_model_dir, dataset, batch_rows=2, backend="ray", workers=2), tmp_path / "ray", console=quiet)
+    run_examples(cfg_for(tiny_model_dir, dataset, batch_rows=2), tmp_path / "local", console=quiet)
+    run_examples(cfg_for(tiny_model_dir, dataset, batch_rows=2, backend="ray", workers=2), tmp_path / "ray", console=quiet)
     assert (tmp_path / "ray" / "scores.csv").read_bytes() == (tmp_path / "local" / "scores.csv").read_bytes()
     q = "SELECT target, trial, partners, correct FROM trials ORDER BY target, trial"
     rows = {d: sqlite3.connect(tmp_path / d / "results.sqlite").execute(q).fetchall() for d in ("local", "ray")}
@@ -71,12 +71,12 @@ def test_ray_backend_weighted_experiment_is_identical(tiny_model_dir, tmp_path, 
 
     from mergeability.pipelines import run_tasks
     from mergeability.store import Store
-    from mergeability.weighted import WeightedSpec, run_weighted
+    from mergeability.experiments import Weighted, run_experiment
 
     pool = make_pool(tmp_path / "pool", tiny_model_dir, n_weak=3, n_strong=3)
     quiet = Console(quiet=True)
     run_tasks(task_cfg(tiny_model_dir, pool, trials=1, partners=1), tmp_path / "run", console=quiet)
-    spec = WeightedSpec(sets=2, low=1, high=1, temperature=0.5, sweep=(), methods=("mean", "knots"))
+    spec = Weighted(sets=2, low=1, high=1, temperature=0.5, sweep=(), methods=("mean", "knots"))
     jobs = []
 
     class CountingRayPool(backends.RayPool):  # proves the units ran on Ray actors
@@ -89,7 +89,7 @@ def test_ray_backend_weighted_experiment_is_identical(tiny_model_dir, tmp_path, 
     for backend in ("local", "ray"):
         d = tmp_path / backend
         shutil.copytree(tmp_path / "run", d)
-        run_weighted(d, spec, quiet, {"backend": backend, "workers": 2})
+        run_experiment(spec, d, quiet, {"backend": backend, "workers": 2})
         store = Store(d / "results.sqlite", lock=False)
         rows[backend] = store.experiment_rows("weighted")
         store.close()

@@ -4,7 +4,7 @@ import torch
 from conftest import word_facts
 from mergeability.data import build_items
 from mergeability.models import load_model
-from mergeability.scoring import encode, normalise, score_item
+from mergeability.scoring import encode, normalise_scores, score_item
 
 
 def plain_scores(model, tok, item, norm):
@@ -17,7 +17,8 @@ def plain_scores(model, tok, item, norm):
             logp = model(ids).logits[0].double().log_softmax(-1)
         P = len(enc.prompt)
         total = sum(logp[P - 1 + j, t].item() for j, t in enumerate(opt))
-        out.append(normalise(torch.tensor(total), torch.tensor(float(len(opt))), torch.tensor(float(chars)), norm).item())
+        n_tok, n_chr = torch.tensor(float(len(opt))), torch.tensor(float(chars))
+        out.append(normalise_scores(torch.tensor(total), n_tok, n_chr, norm).item())
     return out
 
 

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from conftest import random_update, run_cli
-from mergeability.config import TaskConfig
+from mergeability.config import from_flat
 from mergeability.pipelines import run_tasks
 from mergeability.store import Store
 
@@ -50,7 +50,7 @@ def pool(tmp_path_factory, tiny_model_dir):
 def cfg_for(model_dir, pool, **kw):
     base = dict(model=str(model_dir), pool=str(pool), threshold=0.0, sweep=[], rank=4, alpha=8, lr=0.05, epochs=4,
                 batch_size=8, trials=3, partners=2, max_new_tokens=1, seed=0, targets=TARGETS)
-    return TaskConfig(**{**base, **kw})
+    return from_flat("tasks", **{**base, **kw})
 
 
 def test_task_run_scores_resumes_and_reports(tiny_model_dir, pool, tmp_path):
@@ -115,23 +115,24 @@ def test_weighted_experiment_raises_weak_tasks_retention(tiny_model_dir, tmp_pat
     base accuracy must keep measurably more of the weak tasks than plain averaging does."""
     import numpy as np
 
-    from mergeability.weighted import WeightedSpec, collect_weighted, retention_changes, run_weighted
+    from mergeability.analysis.experiments import retention_changes
+    from mergeability.experiments import Weighted, run_experiment
+    from mergeability.report.weighted import weighted_section
 
     pool = make_pool(tmp_path / "pool", tiny_model_dir, n_weak=4, n_strong=4)
     out = tmp_path / "run"
     run_tasks(cfg_for(tiny_model_dir, pool, trials=1, partners=1), out, console=QUIET)
-    spec = WeightedSpec(sets=4, low=1, high=2, temperature=0.1, sweep=(1.0,), methods=("mean", "ties"))
-    run_weighted(out, spec, QUIET)
+    run_experiment(Weighted(sets=4, low=1, high=2, temperature=0.1, sweep=(1.0,), methods=("mean", "ties")), out,
+                   QUIET)
     store = Store(out / "results.sqlite", lock=False)
-    tasks = {r["name"]: r for r in store.rows("SELECT name, base_acc, ft_acc FROM tasks")}
+    tasks = {r["name"]: r for r in store.task_rows()}
     assert {n: r["base_acc"] for n, r in tasks.items() if "weak" in n} == {f"task00{k}_weak": 0.0 for k in range(1, 5)}
     assert all(r["base_acc"] == 1.0 for n, r in tasks.items() if "strong" in n)
     changes = {(r.method, r.T): r for r in retention_changes(store.experiment_rows("weighted"), tasks)}
     assert set(changes) == {("mean", 0.1), ("mean", 1.0), ("ties", 0.1)}
     assert np.mean(changes[("mean", 0.1)].weak) > 0.2  # weak tasks keep more …
     assert np.mean(changes[("mean", 0.1)].strong) > -0.2  # … at little cost to the strong ones
-    out_tables = collect_weighted(store, tmp_path)
-    assert out_tables["claims"]["weighted"].verdict == "supported"
+    assert weighted_section(store, tmp_path).claims["weighted"].verdict == "supported"
     store.close()
 
 

@@ -96,23 +96,24 @@ def _import_ray():
 
 def check_backend(cfg) -> None:
     """A run's backend settings, checked before any work: the name, and Ray's presence when it is asked for."""
-    if cfg.backend not in BACKENDS:
-        raise MergeabilityError(f"unknown backend {cfg.backend!r}: use {' or '.join(BACKENDS)}")
-    if cfg.backend == "ray":
+    if cfg.backend.name not in BACKENDS:
+        raise MergeabilityError(f"unknown backend {cfg.backend.name!r}: use {' or '.join(BACKENDS)}")
+    if cfg.backend.name == "ray":
         _import_ray()
 
 
 @contextlib.contextmanager
 def pool_for(cfg, setup: Callable[[], Any], local_context: Any, shared: Any) -> Iterator:
-    """The pool of a run's backend (`cfg.backend`, `ray_address`, `workers`, `threads`, `device`) for one stage;
+    """The pool of a run's backend (`cfg.backend`, and the model's `threads` and `device`) for one stage;
     local reuses the context this process already built, ray builds one per actor with `setup`. Closed (actors
     released) when the stage ends."""
-    if cfg.backend == "local":
+    if cfg.backend.name == "local":
         pool = LocalPool(local_context, shared)
     else:
         check_backend(cfg)
-        pool = RayPool(setup, shared, address=cfg.ray_address, workers=cfg.workers, cpus_per_worker=cfg.threads or 1,
-                       gpus_per_worker=1 if cfg.device.startswith("cuda") else 0)
+        pool = RayPool(setup, shared, address=cfg.backend.address, workers=cfg.backend.workers,
+                       cpus_per_worker=cfg.model.threads or 1,
+                       gpus_per_worker=1 if cfg.model.device.startswith("cuda") else 0)
     try:
         yield pool
     finally:

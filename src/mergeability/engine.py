@@ -15,17 +15,18 @@ Works for Llama-style models (Llama, Qwen2, Mistral: `model.model.{embed_tokens,
 
 from __future__ import annotations
 
-import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mergeability.batching import add_to_outputs, attention_bias, pad_rows
 from mergeability.data.mc import MCItem
 from mergeability.errors import MergeabilityError
 from mergeability.models import decoder_layers, get_module, layer_index
-from mergeability.scoring import ItemScore, encode, normalise
+from mergeability.scoring import ItemScore, encode, normalise_scores
 from mergeability.updates import Dense, LowRank, Update
 
 
@@ -64,20 +65,6 @@ def pack(tokenizer, item: MCItem) -> Packed:
                   torch.tensor(enc.option_chars, dtype=torch.float64), item.gold)
 
 
-def attention_bias(segs: Sequence[Tensor], T: int, dtype: torch.dtype) -> Tensor:
-    """(B, 1, T, T) additive mask: causal, prompt visible to all, options blind to each other, padding inert."""
-    B = len(segs)
-    allowed = torch.zeros(B, T, T, dtype=torch.bool)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    for b, seg in enumerate(segs):
-        n = len(seg)
-        same = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])
-        allowed[b, :n, :n] = same & causal[:n, :n]
-        allowed[b, n:, n:] = torch.eye(T - n, dtype=torch.bool)  # padding attends to itself: no NaN rows
-    bias = torch.zeros(B, 1, T, T, dtype=dtype)
-    return bias.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-
-
 def _stack_rows(rows: list[LowRank | Dense | None], shape: tuple[int, int], dtype, device) -> tuple[str, tuple]:
     """Per-row deltas of one module as batched factors (ranks zero-padded) or, if any row is dense, dense."""
     out_f, in_f = shape
@@ -97,26 +84,21 @@ def _stack_rows(rows: list[LowRank | Dense | None], shape: tuple[int, int], dtyp
     return "lowrank", (At, Bt)
 
 
-@contextlib.contextmanager
-def row_deltas(model: nn.Module, updates: Sequence[Update | None]) -> Iterator[None]:
+def _row_delta(kind: str, f: tuple[Tensor, ...]) -> Callable[[Tensor], Tensor]:
+    """x ↦ row b's x·ΔWᵀ for a batch x (b, T, in), from `_stack_rows`' factors (the scale is already in B)."""
+    if kind == "dense":
+        return lambda x: torch.bmm(x, f[0])
+    return lambda x: torch.bmm(torch.bmm(x, f[0]), f[1])
+
+
+def row_deltas(model: nn.Module, updates: Sequence[Update | None]) -> AbstractContextManager[None]:
     """Hooks that add row b's ΔW (x·Aᵀ·Bᵀ) to the output of every module it touches, for the block."""
-    names = sorted({n for u in updates if u is not None for n in u.modules})
-    handles = []
-    for name in names:
+    deltas = {}
+    for name in sorted({n for u in updates if u is not None for n in u.modules}):
         lin = get_module(model, name)
         rows = [None if u is None else u.modules.get(name) for u in updates]
-        kind, factors = _stack_rows(rows, tuple(lin.weight.shape), lin.weight.dtype, lin.weight.device)
-
-        def hook(mod, inp, out, kind=kind, f=factors):
-            x = inp[0]
-            return out + (torch.bmm(x, f[0]) if kind == "dense" else torch.bmm(torch.bmm(x, f[0]), f[1]))
-
-        handles.append(lin.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        deltas[name] = _row_delta(*_stack_rows(rows, tuple(lin.weight.shape), lin.weight.dtype, lin.weight.device))
+    return add_to_outputs(model, deltas)
 
 
 class Engine:
@@ -193,14 +175,9 @@ class Engine:
     def _score_batch(self, batch) -> list[ItemScore]:
         dev, dt = self.device, self.dtype
         packs = [self._cache[it.id][0] for it, _ in batch]
-        T = max(len(p.ids) for p in packs)
-        h = torch.zeros(len(batch), T, self._cache[batch[0][0].id][1].shape[-1], dtype=dt, device=dev)
-        pos = torch.zeros(len(batch), T, dtype=torch.long, device=dev)
-        for b, (it, _) in enumerate(batch):
-            p, hid = self._cache[it.id]
-            h[b, : len(p.ids)] = hid
-            pos[b, : len(p.ids)] = p.pos.to(dev)
-        bias = attention_bias([p.seg for p in packs], T, dt).to(dev)
+        h = pad_rows([self._cache[it.id][1] for it, _ in batch], 0)  # cached hidden states, on the device
+        pos = pad_rows([p.pos for p in packs], 0).to(dev)
+        bias = attention_bias([p.seg for p in packs], h.shape[1], dt).to(dev)
         with row_deltas(self.model, [u for _, u in batch]):
             hidden = self.upper(h, pos, bias)
         rows = torch.cat([torch.full((len(p.predict_at),), b) for b, p in enumerate(packs)]).to(dev)
@@ -212,5 +189,5 @@ class Engine:
             K = len(p.targets)
             total = torch.zeros(len(p.n_tokens), dtype=torch.float64).index_add_(0, p.option_of, tok_lp[k : k + K])
             k += K
-            out.append(ItemScore(tuple(normalise(total, p.n_tokens, p.n_chars, self.norm).tolist()), p.gold))
+            out.append(ItemScore(tuple(normalise_scores(total, p.n_tokens, p.n_chars, self.norm).tolist()), p.gold))
         return out

@@ -11,9 +11,12 @@ import string
 from typing import Sequence
 
 import torch
+from torch import Tensor
 
+from mergeability.batching import common_prefix, pad_rows, padding_mask, prefix_cache
 from mergeability.data.tasks import Example
 from mergeability.errors import MergeabilityError
+from mergeability.updates import Update, applied
 
 _EDGE_PUNCT = string.punctuation + "“”‘’"
 
@@ -49,17 +52,18 @@ def answer_budget(tokenizer, examples: Sequence[Example], extra: int = 4, cap: i
     return min(cap, longest + extra)
 
 
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Tokens every sequence starts with, leaving each at least one token of its own."""
-    n = min(len(x) for x in seqs) - 1
-    first = seqs[0]
-    for i in range(n):
-        if any(x[i] != first[i] for x in seqs):
-            return i
-    return max(n, 0)
-
-
 MIN_SHARED = 8  # below this a shared-prefix pass costs more than it saves
+
+
+def _prefix_layout(rows: Sequence[Sequence[int]], P: int, pad: int) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask) of rows that share their first P tokens, laid out as [shared prefix | padding | own
+    tokens]: the prefix's cached keys/values then sit at the same positions in every row, and every row's last
+    token is the last column, where generation continues."""
+    own = [r[P:] for r in rows]
+    width = max(len(o) for o in own)
+    ids = torch.cat([pad_rows([rows[0][:P]] * len(rows), pad), pad_rows(own, pad, width, left=True)], 1)
+    mask = torch.cat([padding_mask([P] * len(rows), P), padding_mask([len(o) for o in own], width, left=True)], 1)
+    return ids, mask
 
 
 @torch.no_grad()
@@ -81,24 +85,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
         idx = order[s : s + batch_size]
         P = common_prefix([enc[i] for i in idx]) if len(idx) > 1 else 0
         P = P if P >= MIN_SHARED else 0
-        T = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        ids[:, :P] = torch.tensor(enc[idx[0]][:P])
-        mask[:, :P] = 1
-        for b, i in enumerate(idx):
-            own = enc[i][P:]
-            ids[b, T - len(own) :] = torch.tensor(own)
-            mask[b, T - len(own) :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        extra = {}
-        if P:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            model(input_ids=ids[:1, :P], past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(len(idx))
-            extra["past_key_values"] = cache
+        ids, mask = (t.to(dev) for t in _prefix_layout([enc[i] for i in idx], P, pad))
+        T = ids.shape[1]
+        extra = {"past_key_values": prefix_cache(model, ids[:1, :P], len(idx))} if P else {}
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=stop_ids(tokenizer), pad_token_id=pad, num_beams=1, temperature=None,
                              top_p=None, top_k=None, **extra)
@@ -108,11 +97,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     return out
 
 
-def evaluate_task(model, tokenizer, examples: Sequence[Example], update=None, *, batch_size: int = 16,
-                  max_new_tokens: int | None = None) -> tuple[float, list[bool], list[str]]:
+def evaluate_task(model, tokenizer, examples: Sequence[Example], update: Update | None = None, *,
+                  batch_size: int = 16, max_new_tokens: int | None = None) -> tuple[float, list[bool], list[str]]:
     """(accuracy, per-example correctness, predictions) of the model, with `update` added to its weights."""
-    from mergeability.updates import applied
-
     budget = max_new_tokens or answer_budget(tokenizer, examples)
     prompts = [e.input for e in examples]
     if update is None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from safetensors.torch import save_model
+
+from mergeability.atomic import atomic_dir
 from mergeability.errors import MergeabilityError
 
 BUNDLED = "smollm2-135m"
@@ -63,24 +64,15 @@ def bundled_model_dir() -> Path:
     print(f"dequantising the bundled model once into {target} (~30 s; later loads take ~1 s)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a killed first load never leaves a half-written cache.
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    # Written beside the target and renamed, so a killed first load never leaves a half-written cache.
+    with atomic_dir(target, replace=True) as tmp:
         # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain tensors by now.
-        from safetensors.torch import save_model
-
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

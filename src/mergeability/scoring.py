@@ -10,8 +10,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mergeability.batching import pad_rows, padding_mask
 from mergeability.data.mc import MCItem
 from mergeability.errors import MergeabilityError
+from mergeability.updates import Update, applied
 
 NORMS = ("token", "char", "none")
 
@@ -70,7 +72,8 @@ def encode(tokenizer, item: MCItem) -> Encoded:
     return Encoded(prompt, opts, [len(" " + o) for o in item.options])
 
 
-def normalise(total: Tensor, n_tokens: Tensor, n_chars: Tensor, norm: str) -> Tensor:
+def normalise_scores(total: Tensor, n_tokens: Tensor, n_chars: Tensor, norm: str) -> Tensor:
+    """Option scores from summed option log-likelihoods: per token, per character, or the sums themselves."""
     if norm == "token":
         return total / n_tokens
     if norm == "char":
@@ -84,13 +87,10 @@ def option_logprobs(model, enc: Encoded) -> Tensor:
     """Summed log p(option tokens | prompt) per option: the obvious computation, one full sequence per option
     (prompt + option, right-padded into one batch). The engine computes the same thing far more cheaply."""
     device = next(model.parameters()).device
-    P = len(enc.prompt)
-    n, L = len(enc.options), P + max(len(o) for o in enc.options)
-    ids = torch.zeros(n, L, dtype=torch.long)
-    mask = torch.zeros(n, L, dtype=torch.long)
-    for i, o in enumerate(enc.options):
-        ids[i, : P + len(o)] = torch.tensor(enc.prompt + o)
-        mask[i, : P + len(o)] = 1
+    P, n = len(enc.prompt), len(enc.options)
+    rows = [enc.prompt + o for o in enc.options]
+    ids = pad_rows(rows, 0)
+    mask = padding_mask([len(r) for r in rows], ids.shape[1])
     logp = model(ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
     total = torch.zeros(n, dtype=torch.float64)
     for i, o in enumerate(enc.options):
@@ -106,7 +106,7 @@ def score_item(model, tokenizer, item: MCItem, norm: str = "token") -> ItemScore
     total = option_logprobs(model, enc)
     n_tok = torch.tensor([len(o) for o in enc.options], dtype=total.dtype)
     n_chr = torch.tensor(enc.option_chars, dtype=total.dtype)
-    return ItemScore(tuple(normalise(total, n_tok, n_chr, norm).tolist()), item.gold)
+    return ItemScore(tuple(normalise_scores(total, n_tok, n_chr, norm).tolist()), item.gold)
 
 
 class PlainScorer:
@@ -115,9 +115,7 @@ class PlainScorer:
     def __init__(self, model, tokenizer, *, norm: str = "token"):
         self.model, self.tokenizer, self.norm = model, tokenizer, norm
 
-    def score(self, requests: Sequence[tuple[MCItem, "Update | None"]]) -> list[ItemScore]:
-        from mergeability.updates import applied
-
+    def score(self, requests: Sequence[tuple[MCItem, Update | None]]) -> list[ItemScore]:
         out = []
         for item, update in requests:
             if update is None:

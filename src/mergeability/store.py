@@ -110,9 +110,55 @@ class Store:
     def rows(self, sql: str, params: Iterable = ()) -> list[dict]:
         return [dict(r) for r in self.db.execute(sql, tuple(params))]
 
+    def count(self, table: str) -> int:
+        return self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    # ------------------------------------------------------------------ example-level queries
+
+    def wrong_items(self) -> set[str]:
+        """Items the base model answers wrongly: the ones an update is trained for."""
+        return {r[0] for r in self.db.execute("SELECT id FROM items WHERE correct = 0")}
+
+    def item_outcomes(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT correct FROM items")]
+
+    def update_outcomes(self) -> list[int]:
+        """kept (1) or not (0), per trained update."""
+        return [r[0] for r in self.db.execute("SELECT kept FROM updates")]
+
+    def kept_updates(self) -> dict[str, str]:
+        """item id -> adapter path (relative to the run directory) of every kept update, by id."""
+        q = "SELECT item_id, path FROM updates WHERE kept = 1 ORDER BY item_id"
+        return {r[0]: r[1] for r in self.db.execute(q)}
+
+    def kept_update_rows(self) -> list[dict]:
+        """Every column of the item and of its update, per kept update, by id."""
+        return self.rows("SELECT i.*, u.path, u.kept, u.train_loss, u.passage_ppl, u.passage_tokens, u.post_scores, "
+                         "u.post_gold_prob, u.post_gap, u.fro_norm, u.top_sv "
+                         "FROM items i JOIN updates u ON u.item_id = i.id WHERE u.kept = 1 ORDER BY i.id")
+
+    # ------------------------------------------------------------------ task-level queries
+
+    def task_rows(self) -> list[dict]:
+        """Every column of every task, by name."""
+        return self.rows("SELECT * FROM tasks ORDER BY name")
+
+    def tasks_reaching(self, threshold: float) -> list[str]:
+        """Tasks whose fine-tuned accuracy is at least `threshold`, by name."""
+        q = "SELECT name FROM tasks WHERE ft_acc >= ? ORDER BY name"
+        return [r[0] for r in self.db.execute(q, (threshold,))]
+
+    # ------------------------------------------------------------------ trials
+
     def done_trials(self, method: str, params: str) -> set[tuple[str, int]]:
         q = "SELECT target, trial FROM trials WHERE method = ? AND params = ?"
         return {(r[0], r[1]) for r in self.db.execute(q, (method, params))}
+
+    def trial_means(self, params: str, first: int, trials: int) -> dict[str, tuple[float, int]]:
+        """target -> (mean `correct`, number of trials) over trials first … first + trials − 1 under `params`."""
+        q = ("SELECT target, AVG(correct), COUNT(*) FROM trials WHERE params = ? AND trial >= ? AND trial < ? "
+             "GROUP BY target")
+        return {r[0]: (r[1], r[2]) for r in self.db.execute(q, (params, first, first + trials))}
 
 
 def _acquire(lock_path: Path):

@@ -1,47 +1,46 @@
-"""Per-item LoRA training: one low-rank update of the target modules, trained on the item's passage.
+"""Training updates: one per item, trained on the item's passage, and task adapters, trained on a task's examples.
 
-LoRA is attached with forward hooks (out += scale · x Aᵀ Bᵀ), initialised as PEFT does (A Kaiming-uniform,
-B zero), and optimised with AdamW; the result is an `Update` that saves as a PEFT adapter directory.
+An update is low-rank (LoRA) or, for items with `update: full`, a dense ΔW of each target module (paper A.8).
+It is attached with forward hooks (out += scale · x Aᵀ Bᵀ, or x ΔWᵀ), initialised as PEFT does (A Kaiming-uniform,
+B zero; ΔW zero), and optimised with AdamW by one loop, `fit`; the result is an `Update` that saves as a PEFT
+adapter directory. The training functions take their config section (`ItemTraining`, `TaskTraining`) as it is.
 
 A passage is trained as a list of sequences: one per line, each cut into windows of `max_tokens`. An epoch
 is one optimizer step per sequence, in order (batch size 1, as a plain fine-tuning loop over documents).
 
-Two routes give the same updates (tested against PEFT): the plain one runs the full model every step; the
-cached one (`train_loras`, with an `Engine`) runs the frozen layers below the adapted one once per passage and
+Two routes give the same item updates (tested against PEFT): `train_update` runs the full model every step;
+`train_updates_cached` (with an `Engine`) runs the frozen layers below the adapted one once per passage and
 trains several passages in one batch, each row with its own factors. AdamW is elementwise and the batch loss
 is the sum of per-row losses, so every row trains exactly as it would alone.
+
+A task adapter (`train_task_update`) is trained on prompt + answer sequences with the loss on the answer only;
+its fast loss runs the prompt prefix a batch shares once and the output head only at answer positions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mergeability.batching import add_to_outputs, attention_bias, common_prefix, pad_rows, padding_mask, prefix_cache
+from mergeability.config import ItemTraining, TaskTraining
 from mergeability.models import get_module
 from mergeability.updates import Dense, LowRank, Update
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    rank: int = 64  # LoRA r (paper Table A.3)
-    alpha: float = 128.0  # LoRA alpha: scale = alpha / r
-    lr: float = 4e-3  # AdamW learning rate, no weight decay
-    epochs: int = 10  # passes over the passage; one AdamW step per sequence (line) of the passage
-    max_tokens: int = 256  # longer lines are cut into windows of this many tokens
-    update: str = "lora"  # lora | full: a dense ΔW of each target module (paper A.8), zero-initialised
-
-
-@dataclass(frozen=True)
 class TrainStats:
-    loss: float  # mean token cross-entropy over the last epoch
-    passage_ppl: float  # perplexity of the passage under the base model
-    passage_tokens: int
+    """What a training run measured besides the update it returns."""
+
+    loss: float  # mean token cross-entropy of the last epoch, over the tokens trained on
+    base_ppl: float  # perplexity under the base model of the tokens trained on: the passage (items), answers (tasks)
+    input_tokens: int  # tokens of the passage (items); mean prompt tokens of the training examples (tasks)
 
 
 def split_passage(tokenizer, passage: str, max_tokens: int) -> list[Tensor]:
@@ -77,157 +76,161 @@ def init_params(model: nn.Module, modules: Sequence[str], rank: int, full: bool,
     return out
 
 
-@contextlib.contextmanager
-def lora_hooks(model: nn.Module, factors: dict[str, tuple[Tensor, ...]], scale: float) -> Iterator[None]:
+def _delta(f: tuple[Tensor, ...], scale: float) -> Callable[[Tensor], Tensor]:
+    """x ↦ what one module's update adds to its output. The scale multiplies the product, as PEFT applies it; the
+    engine folds it into B instead, which rounds differently: moving it here would change every trained bit."""
+    if len(f) == 1:  # a dense ΔW, unscaled
+        D = f[0]
+        return (lambda x: x @ D.T) if D.dim() == 2 else (lambda x: torch.bmm(x, D.transpose(1, 2)))
+    A, B = f
+    if A.dim() == 2:
+        return lambda x: scale * ((x @ A.T) @ B.T)
+    return lambda x: scale * torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+
+
+def lora_hooks(model: nn.Module, factors: dict[str, tuple[Tensor, ...]], scale: float) -> AbstractContextManager[None]:
     """Add scale · x Aᵀ Bᵀ to each module's output. Factors are (r, in)/(out, r), or batched per row
     as (b, r, in)/(b, out, r); a one-tensor entry (D,) is a dense ΔW, (out, in) or (b, out, in), added unscaled."""
-    handles = []
-
-    def hook(A, B=None):
-        if B is None:
-            return lambda mod, inp, out: out + (inp[0] @ A.T if A.dim() == 2 else torch.bmm(inp[0], A.transpose(1, 2)))
-        if A.dim() == 2:
-            return lambda mod, inp, out: out + scale * ((inp[0] @ A.T) @ B.T)
-        return lambda mod, inp, out: out + scale * torch.bmm(torch.bmm(inp[0], A.transpose(1, 2)), B.transpose(1, 2))
-
-    for name, f in factors.items():
-        handles.append(get_module(model, name).register_forward_hook(hook(*f)))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return add_to_outputs(model, {name: _delta(f, scale) for name, f in factors.items()})
 
 
-def _adamw(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def fit(params: list[Tensor], steps: Sequence, step_loss: Callable, epochs: int, lr: float,
+        on_step: Callable[[], None] | None = None):
+    """The training loop of every update: AdamW (no weight decay) on `params`, `epochs` passes over `steps`, one
+    optimizer step per step. `step_loss(step)` gives (the loss to minimise, its summed token NLL); the result is
+    the last epoch's sum of the latter: a float, or a tensor (one entry per row) for batched training."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    last = 0.0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            last = 0.0
+            for step in steps:
+                loss, nll = step_loss(step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last += nll
+                if on_step is not None:
+                    on_step()
+    return last
 
 
-def _result(factors, scale, cfg, seed, base_model, row=None) -> Update:
+def _params(factors: dict[str, tuple[Tensor, ...]]) -> list[Tensor]:
+    return [p for ab in factors.values() for p in ab]
+
+
+def _result(factors, scale, cfg: ItemTraining | TaskTraining, seed, base_model, row=None) -> Update:
+    """The trained update (row `row` of batched factors), with how it was trained as its provenance."""
     pick = (lambda t: t.detach().cpu().clone()) if row is None else (lambda t: t[row].detach().cpu().clone())
     mods = {n: Dense(pick(f[0])) if len(f) == 1 else LowRank(pick(f[0]), pick(f[1]), scale) for n, f in factors.items()}
-    info = {"update": getattr(cfg, "update", "lora"), "lr": cfg.lr, "epochs": cfg.epochs, "seed": seed}
+    info = {"update": getattr(cfg, "update", "lora"), "lr": cfg.step_lr, "epochs": cfg.epochs, "seed": seed}
     if info["update"] == "lora":
         info.update(rank=cfg.rank, alpha=cfg.alpha)
     return Update(mods, base_model, {"training": info})
 
 
-def train_lora(
+# ------------------------------------------------------------------------------ per-item updates (passages)
+
+
+def train_update(
     model: nn.Module,
     sequences: Sequence[Tensor],
     modules: Sequence[str],
-    cfg: TrainConfig,
+    cfg: ItemTraining,
     *,
     seed: int,
     key: str,
     base_model: str | None = None,
-    engine=None,
 ) -> tuple[Update, TrainStats]:
-    """Train one LoRA update on a passage's sequences (each 1 × T): the cached route with an engine, else plain."""
-    if engine is not None:
-        return train_loras(engine, [sequences], [key], modules, cfg, seed=seed, base_model=base_model)[0]
+    """One update (LoRA, or dense ΔW with cfg.update == "full") trained on a passage's sequences (each 1 × T),
+    the full model run at every step."""
     dev = sequences[0].device
     factors = init_params(model, modules, cfg.rank, cfg.update == "full", seed, [key], batched=False, device=dev)
-    opt = _adamw([p for ab in factors.values() for p in ab], cfg.lr)
     scale = cfg.alpha / cfg.rank
     n_tok = sum(s.shape[1] - 1 for s in sequences)
     with torch.no_grad():
         base_nll = sum(model(s, labels=s).loss.item() * (s.shape[1] - 1) for s in sequences)
-    with lora_hooks(model, factors, scale), torch.enable_grad():
-        for _ in range(cfg.epochs):
-            last = 0.0
-            for ids in sequences:
-                loss = model(ids, labels=ids).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                last += loss.item() * (ids.shape[1] - 1)
-    stats = TrainStats(loss=last / n_tok, passage_ppl=math.exp(base_nll / n_tok),
-                       passage_tokens=sum(s.shape[1] for s in sequences))
+
+    def step_loss(ids):
+        loss = model(ids, labels=ids).loss
+        return loss, loss.item() * (ids.shape[1] - 1)
+
+    with lora_hooks(model, factors, scale):
+        last = fit(_params(factors), sequences, step_loss, cfg.epochs, cfg.step_lr)
+    stats = TrainStats(loss=last / n_tok, base_ppl=math.exp(base_nll / n_tok),
+                       input_tokens=sum(s.shape[1] for s in sequences))
     return _result(factors, scale, cfg, seed, base_model), stats
 
 
-def train_loras(
-    engine,
-    passages: Sequence[Sequence[Tensor]],
-    keys: Sequence[str],
-    modules: Sequence[str],
-    cfg: TrainConfig,
-    *,
-    seed: int,
-    base_model: str | None = None,
-) -> list[tuple[Update, TrainStats]]:
-    """Train one LoRA per passage, all in one batch (row b = passage b), from the engine's cached lower layers.
-
-    Passages must have the same number of sequences: step j of an epoch trains every row on its sequence j.
-    """
-    from mergeability.engine import attention_bias
-
-    model, dev = engine.model, engine.device
-    n_seq = {len(p) for p in passages}
-    if len(n_seq) != 1:
-        raise ValueError("train_loras needs passages with equal numbers of sequences: group them first")
-    n = len(passages)
-    steps = []  # per sequence index j: (ids, labels, pos, bias, cached h, tokens per row)
-    for j in range(n_seq.pop()):
+def _cached_steps(engine, passages: Sequence[Sequence[Tensor]]) -> list[tuple]:
+    """Per sequence index j, what a step on it needs: (labels, pos, bias, h, tokens per row), where h, the
+    frozen layers' output below the adapted one, is computed here once for every epoch."""
+    dev, n = engine.device, len(passages)
+    steps = []
+    for j in range(len(passages[0])):
         seqs = [p[j][0] for p in passages]
-        T = max(len(s) for s in seqs)
-        ids = torch.zeros(n, T, dtype=torch.long)
-        labels = torch.full((n, T), -100, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = s
-            labels[b, : len(s)] = s
-        ids, labels = ids.to(dev), labels.to(dev)
+        ids, labels = pad_rows(seqs, 0).to(dev), pad_rows(seqs, -100).to(dev)
+        T = ids.shape[1]
         pos = torch.arange(T, device=dev).expand(n, T)
         # None lets attention use its fused causal kernel when no row is padded.
         bias = None if all(len(s) == T for s in seqs) else attention_bias(
             [torch.full((len(s),), -1) for s in seqs], T, engine.dtype).to(dev)
         with torch.no_grad():
-            h = engine.lower(ids, pos, bias)  # the frozen part of every step on this sequence, once
+            h = engine.lower(ids, pos, bias)
         steps.append((labels, pos, bias, h, (labels[:, 1:] != -100).sum(1)))
+    return steps
 
-    def row_losses(labels, pos, bias, h, n_tok):
-        logits = model.lm_head(engine.upper(h, pos, bias)).float()
-        V = logits.shape[-1]
-        tok = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
-                                          reduction="none").view(n, -1)
-        return tok.sum(1), n_tok  # summed NLL per row, tokens per row
 
+def _row_nll(engine, labels, pos, bias, h, n_tok) -> tuple[Tensor, Tensor]:
+    """Summed NLL per row of one cached step, and the tokens per row."""
+    logits = engine.model.lm_head(engine.upper(h, pos, bias)).float()
+    V = logits.shape[-1]
+    tok = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                      reduction="none").view(len(labels), -1)
+    return tok.sum(1), n_tok
+
+
+def train_updates_cached(
+    engine,
+    passages: Sequence[Sequence[Tensor]],
+    keys: Sequence[str],
+    modules: Sequence[str],
+    cfg: ItemTraining,
+    *,
+    seed: int,
+    base_model: str | None = None,
+) -> list[tuple[Update, TrainStats]]:
+    """One update per passage, all in one batch (row b = passage b, its factors seeded by keys[b]), from the
+    engine's cached lower layers. Each equals `train_update` on that passage alone (to float rounding).
+
+    Passages must have the same number of sequences: step j of an epoch trains every row on its sequence j.
+    """
+    if len({len(p) for p in passages}) != 1:
+        raise ValueError("train_updates_cached needs passages with equal numbers of sequences: group them first")
+    steps = _cached_steps(engine, passages)
     with torch.no_grad():
-        base = [row_losses(*st) for st in steps]
+        base = [_row_nll(engine, *st) for st in steps]
     n_tok = sum(t for _, t in base).cpu()
     base_nll = sum(l for l, _ in base).cpu()
-
-    factors = init_params(model, modules, cfg.rank, cfg.update == "full", seed, keys, batched=True, device=dev)
-    opt = _adamw([p for ab in factors.values() for p in ab], cfg.lr)
+    factors = init_params(engine.model, modules, cfg.rank, cfg.update == "full", seed, keys, batched=True,
+                          device=engine.device)
     scale = cfg.alpha / cfg.rank
-    with lora_hooks(model, factors, scale), torch.enable_grad():
-        for _ in range(cfg.epochs):
-            last = torch.zeros(n)
-            for st in steps:
-                nll, tok = row_losses(*st)
-                opt.zero_grad(set_to_none=True)
-                (nll / tok).sum().backward()  # each row's mean loss: its gradient is what it would be alone
-                opt.step()
-                last += nll.detach().cpu()
+
+    def step_loss(st):
+        nll, tok = _row_nll(engine, *st)
+        return (nll / tok).sum(), nll.detach().cpu()  # each row's mean loss: its gradient is what it would be alone
+
+    with lora_hooks(engine.model, factors, scale):
+        last = fit(_params(factors), steps, step_loss, cfg.epochs, cfg.step_lr)
     return [
         (_result(factors, scale, cfg, seed, base_model, row=b),
-         TrainStats(loss=(last[b] / n_tok[b]).item(), passage_ppl=math.exp((base_nll[b] / n_tok[b]).item()),
-                    passage_tokens=sum(s.shape[1] for s in passages[b])))
-        for b in range(n)
+         TrainStats(loss=(last[b] / n_tok[b]).item(), base_ppl=math.exp((base_nll[b] / n_tok[b]).item()),
+                    input_tokens=sum(s.shape[1] for s in passages[b])))
+        for b in range(len(passages))
     ]
 
 
 # ---------------------------------------------------------------- task adapters (Lots-of-LoRAs style)
-
-
-@dataclass(frozen=True)
-class TaskTrainConfig:
-    rank: int = 16  # Lots-of-LoRAs adapters: r = 16
-    alpha: float = 32.0
-    lr: float = 2e-3  # AdamW, no weight decay
-    epochs: int = 3  # passes over the train split
-    batch_size: int = 8  # examples per step
 
 
 def task_batches(tokenizer, examples, batch_size: int) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -242,13 +245,9 @@ def task_batches(tokenizer, examples, batch_size: int) -> list[tuple[Tensor, Ten
             a = tokenizer(" " + e.outputs[0], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             rows.append((p + a, len(p)))
         T = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        labels = torch.full((len(rows), T), -100, dtype=torch.long)
-        for b, (seq, n_prompt) in enumerate(rows):
-            ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, : len(seq)] = 1
-            labels[b, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+        ids = pad_rows([seq for seq, _ in rows], pad, T)
+        mask = padding_mask([len(seq) for seq, _ in rows], T)
+        labels = pad_rows([[-100] * n_prompt + seq[n_prompt:] for seq, n_prompt in rows], -100, T)
         out.append((ids, mask, labels))
     return out
 
@@ -256,8 +255,6 @@ def task_batches(tokenizer, examples, batch_size: int) -> list[tuple[Tensor, Ten
 def shared_prefix(ids: Tensor, labels: Tensor) -> int:
     """Length of the token prefix every row shares, stopping at least one token before any row's answer
     (the prompts of a task share its definition and examples: most of every sequence)."""
-    from mergeability.exact_match import common_prefix
-
     first_label = int((labels != -100).int().argmax(1).min())
     return max(0, min(common_prefix(ids.tolist()), first_label - 1))
 
@@ -271,11 +268,7 @@ def answer_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, *, 
     body = getattr(model, model.base_model_prefix)
     P = shared_prefix(ids, labels) if len(ids) > 1 else 0
     if P > 0:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        body(input_ids=ids[:1, :P], past_key_values=cache, use_cache=True)
-        cache.batch_repeat_interleave(len(ids))
+        cache = prefix_cache(body, ids[:1, :P], len(ids))
         pos = torch.arange(P, ids.shape[1], device=ids.device).expand(len(ids), -1)
         h = body(input_ids=ids[:, P:], attention_mask=mask, past_key_values=cache, position_ids=pos,
                  use_cache=True).last_hidden_state[:, :-1]
@@ -305,39 +298,36 @@ def answer_perplexity(model: nn.Module, tokenizer, examples, batch_size: int = 8
     return math.exp(_answer_nll(model, steps, n_ans, plain=False) / sum(n_ans))
 
 
-def train_task_lora(
+def train_task_update(
     model: nn.Module,
     tokenizer,
     examples,
     modules: Sequence[str],
-    cfg: TaskTrainConfig,
+    cfg: TaskTraining,
     *,
     seed: int,
     key: str,
     base_model: str | None = None,
     plain: bool = False,
-    on_step=None,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[Update, TrainStats]:
-    """One LoRA update for a task: `epochs` passes over its training examples in fixed order, `batch_size` a step.
-    TrainStats: last epoch's loss, the base model's perplexity on the answers, the mean prompt length."""
+    """One LoRA update for a task: `epochs` passes over its training examples in fixed order, `batch_size` a step,
+    the loss on the answers only (`plain`: HF's full-logits loss, for checking). `on_step` is called after each
+    optimizer step. TrainStats: the last epoch's answer loss, the base model's perplexity of the answers, the
+    mean prompt length in tokens."""
     steps, n_ans = _answer_steps(model, tokenizer, examples, cfg.batch_size)
     factors = init_params(model, modules, cfg.rank, False, seed, [key], batched=False, device=steps[0][0].device)
-    opt = _adamw([p for ab in factors.values() for p in ab], cfg.lr)
     scale = cfg.alpha / cfg.rank
     base_nll = _answer_nll(model, steps, n_ans, plain)
-    with lora_hooks(model, factors, scale), torch.enable_grad():
-        for _ in range(cfg.epochs):
-            last = 0.0
-            for st, n in zip(steps, n_ans):
-                loss = answer_loss(model, *st, plain=plain)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                last += loss.item() * n
-                if on_step is not None:
-                    on_step()
+
+    def step_loss(step):
+        batch, n = step
+        loss = answer_loss(model, *batch, plain=plain)
+        return loss, loss.item() * n
+
+    with lora_hooks(model, factors, scale):
+        last = fit(_params(factors), list(zip(steps, n_ans)), step_loss, cfg.epochs, cfg.step_lr, on_step)
     prompt_tokens = sum(int(m.sum()) for _, m, _ in steps) - sum(n_ans)
-    meta_cfg = TrainConfig(rank=cfg.rank, alpha=cfg.alpha, lr=cfg.lr, epochs=cfg.epochs)
-    stats = TrainStats(loss=last / sum(n_ans), passage_ppl=math.exp(base_nll / sum(n_ans)),
-                       passage_tokens=round(prompt_tokens / len(examples)))
-    return _result(factors, scale, meta_cfg, seed, base_model), stats
+    stats = TrainStats(loss=last / sum(n_ans), base_ppl=math.exp(base_nll / sum(n_ans)),
+                       input_tokens=round(prompt_tokens / len(examples)))
+    return _result(factors, scale, cfg, seed, base_model), stats

@@ -7,8 +7,6 @@ import functools
 import json
 import math
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -16,6 +14,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from mergeability.atomic import atomic_dir
 from mergeability.errors import MergeabilityError
 from mergeability.models import get_module
 
@@ -220,27 +219,6 @@ def _as_factors(m: ModuleDelta) -> tuple[Tensor, Tensor, float]:
     return (eye, m.weight, 1.0) if in_f <= out_f else (m.weight, eye, 1.0)
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `target` only if the block completes."""
-    target = Path(target)
-    if target.exists() and not force:
-        raise MergeabilityError(f"{target} already exists: choose another path or pass --force")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{tmp.name[-8:]}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_update(update: Update, path: str | Path, *, base_model: str | None = None, force: bool = False) -> Path:
     """Write a PEFT LoRA adapter directory (atomically) that `PeftModel.from_pretrained` loads."""
     from safetensors.torch import save_file
@@ -272,7 +250,9 @@ def save_update(update: Update, path: str | Path, *, base_model: str | None = No
     for n, (A, B, _) in factors.items():
         tensors[f"base_model.model.{n}.lora_A.weight"] = A.detach().contiguous()
         tensors[f"base_model.model.{n}.lora_B.weight"] = B.detach().contiguous()
-    with atomic_dir(path, force=force) as tmp:
+    if Path(path).exists() and not force:
+        raise MergeabilityError(f"{path} already exists: choose another path or pass --force")
+    with atomic_dir(path, replace=force) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         dense = [n for n in names if isinstance(update.modules[n], Dense)]

@@ -1,47 +1,57 @@
-"""Per-update features of a run, read from its store and joined with the scores."""
+"""Per-update features of an example-level run, read from its store and aligned with the scores."""
 
 from __future__ import annotations
 
 import json
+import math
+from typing import Callable
 
 import numpy as np
 
-FEATURES = {  # name -> (label for tables and figures, SQL expression over items i and updates u)
-    "gold_prob": ("base p(gold)", "i.gold_prob"),
-    "gold_rank": ("base rank of gold", "i.gold_rank"),
-    "gap": ("base gap p(top) − p(gold)", "i.gap"),
-    "post_margin": ("post-training margin p(gold) − p(runner-up)", "u.post_scores"),
-    "prob_gain": ("post − base p(gold)", "u.post_gold_prob - i.gold_prob"),
-    "passage_ppl": ("passage perplexity", "u.passage_ppl"),
-    "passage_tokens": ("passage tokens", "u.passage_tokens"),
-    "fro_norm": ("‖ΔW‖_F", "u.fro_norm"),
-    "top_sv": ("σ_max(ΔW)", "u.top_sv"),
-    "s_pop": ("popularity (log10)", "log10(max(i.s_pop, 1))"),
-}
+
+def _col(name: str) -> Callable[[dict], float | None]:
+    return lambda r: r[name]
 
 
-def load_features(store, scores: dict[str, float]) -> dict[str, np.ndarray]:
-    """Arrays aligned by update id: 'id', 'score', and every feature in FEATURES."""
-    store.db.create_function("log10", 1, lambda x: float(np.log10(x)) if x and x > 0 else None)
-    cols = ", ".join(f"{sql} AS {name}" for name, (_, sql) in FEATURES.items())
-    rows = store.rows(f"SELECT i.id AS id, i.relation AS relation, {cols} FROM items i "
-                      "JOIN updates u ON u.item_id = i.id WHERE u.kept = 1 ORDER BY i.id")
-    rows = [r for r in rows if r["id"] in scores]
-    out = {"id": np.array([r["id"] for r in rows]), "relation": np.array([r["relation"] for r in rows]),
-           "score": np.array([scores[r["id"]] for r in rows], dtype=float)}
-    for name in FEATURES:
-        if name == "post_margin":  # kept updates have gold on top, so the post-training gap is 0: use the margin
-            out[name] = np.array([_margin(r[name]) for r in rows], dtype=float)
-        else:
-            out[name] = np.array([np.nan if r[name] is None else r[name] for r in rows], dtype=float)
-    return out
+def _prob_gain(r: dict) -> float | None:
+    a, b = r["post_gold_prob"], r["gold_prob"]
+    return None if a is None or b is None else a - b
 
 
-def _margin(post_scores_json: str | None) -> float:
-    if not post_scores_json:
-        return np.nan
-    s = np.array(json.loads(post_scores_json), dtype=float)
+def _log_popularity(r: dict) -> float | None:
+    return None if r["s_pop"] is None else float(np.log10(max(r["s_pop"], 1)))
+
+
+def _post_margin(r: dict) -> float:
+    """p(gold) − p(runner-up) after training: kept updates have gold on top, so their post-training gap is 0."""
+    if not r["post_scores"]:
+        return math.nan
+    s = np.array(json.loads(r["post_scores"]), dtype=float)
     p = np.exp(s - s.max())
     p /= p.sum()
     top2 = np.sort(p)[-2:]
     return float(top2[1] - top2[0])
+
+
+FEATURES: dict[str, tuple[str, Callable[[dict], float | None]]] = {  # name -> (label, value from a kept-update row)
+    "gold_prob": ("base p(gold)", _col("gold_prob")),
+    "gold_rank": ("base rank of gold", _col("gold_rank")),
+    "gap": ("base gap p(top) − p(gold)", _col("gap")),
+    "post_margin": ("post-training margin p(gold) − p(runner-up)", _post_margin),
+    "prob_gain": ("post − base p(gold)", _prob_gain),
+    "passage_ppl": ("passage perplexity", _col("passage_ppl")),
+    "passage_tokens": ("passage tokens", _col("passage_tokens")),
+    "fro_norm": ("‖ΔW‖_F", _col("fro_norm")),
+    "top_sv": ("σ_max(ΔW)", _col("top_sv")),
+    "s_pop": ("popularity (log10)", _log_popularity),
+}
+
+
+def load_features(store, scores: dict[str, float]) -> dict[str, np.ndarray]:
+    """Arrays aligned by update id: 'id', 'relation', 'score', and every feature in FEATURES."""
+    rows = [r for r in store.kept_update_rows() if r["id"] in scores]
+    out = {"id": np.array([r["id"] for r in rows]), "relation": np.array([r["relation"] for r in rows]),
+           "score": np.array([scores[r["id"]] for r in rows], dtype=float)}
+    for name, (_, value) in FEATURES.items():
+        out[name] = np.array([np.nan if (v := value(r)) is None else v for r in rows], dtype=float)
+    return out

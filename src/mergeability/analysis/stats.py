@@ -10,7 +10,7 @@ import numpy as np
 from scipy import stats as st
 
 
-def bin_edges(scores: Sequence[float], trials: int | None = None, n_bins: int = 5) -> list[float]:
+def bin_centres(scores: Sequence[float], trials: int | None = None, n_bins: int = 5) -> list[float]:
     """Bin centres: k/M for example-level scores (M trials), else n equal-width bins over [0, 1]."""
     if trials:
         return [k / trials for k in range(trials + 1)]
@@ -50,7 +50,7 @@ def per_bin(feature: Sequence[float], scores: Sequence[float], trials: int | Non
     f = np.asarray(feature, dtype=float)
     bins = assign_bins(scores, trials, n_bins)
     rows = []
-    for k, c in enumerate(bin_edges(scores, trials, n_bins)):
+    for k, c in enumerate(bin_centres(scores, trials, n_bins)):
         v = f[(bins == k) & ~np.isnan(f)]
         rows.append(BinRow(c, len(v), float(v.mean()) if len(v) else math.nan, bootstrap_ci(v, seed=seed + k)))
     return rows

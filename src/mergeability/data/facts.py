@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -92,36 +91,3 @@ def load_hub(name: str = HUB_POPQA, split: str = "test") -> list[Fact]:
     except Exception as e:  # offline, unknown name, …: one line is what the user needs
         raise MergeabilityError(f"cannot load {name} from the hub: {str(e).splitlines()[0]}") from None
     return [_fact_from_row(row, f"{name}, row {i}") for i, row in enumerate(ds, start=1)]
-
-
-def load_facts(
-    dataset: str,
-    *,
-    relations: Sequence[str] | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-) -> list[Fact]:
-    """Facts of `dataset` ('geo', 'popqa', or a file), filtered to `relations`, `limit` of them sampled by seed.
-
-    The sample keeps every relation represented in proportion; it is what a run screens.
-    """
-    if dataset == "geo":
-        from mergeability.data.geo import build_geo
-
-        facts = build_geo(relations=relations, limit=limit, seed=seed)
-        return facts
-    if dataset == "popqa":
-        facts = load_hub()
-    elif Path(dataset).suffix or Path(dataset).exists():
-        facts = load_file(dataset)
-    else:
-        raise MergeabilityError(f"unknown dataset {dataset!r}: use geo, popqa, or a .tsv/.jsonl/.parquet file")
-    if relations:
-        known = sorted({f.prop for f in facts})
-        bad = [r for r in relations if r not in known]
-        if bad:
-            raise MergeabilityError(f"unknown relation {bad[0]!r} in {dataset}: choose from {', '.join(known)}")
-        facts = [f for f in facts if f.prop in relations]
-    if limit is not None and limit < len(facts):
-        facts = random.Random(seed).sample(facts, limit)
-    return facts

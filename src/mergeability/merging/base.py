@@ -10,6 +10,7 @@ import torch
 
 from mergeability.errors import MergeabilityError
 from mergeability.updates import LowRank, Update
+from mergeability.version import __version__
 
 
 def check_updates(updates: Sequence[Update]) -> dict[str, tuple[int, int]]:
@@ -58,7 +59,6 @@ def output_dtype(updates: Sequence[Update]) -> torch.dtype:
 
 
 def result(modules: dict, updates: Sequence[Update], method: str, params: dict, weights: list[float]) -> Update:
-    from mergeability import __version__
 
     dtype = output_dtype(updates)
     base = next((u.base_model for u in updates if u.base_model), None)

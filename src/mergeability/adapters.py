@@ -1,0 +1,127 @@
+"""Merging PEFT adapter directories, as `mergeability merge` does: method parameters from text, weights (given,
+or from the base model's accuracy on each adapter's task, paper §6), the merge, an optional evaluation of base,
+fine-tuned and merged accuracy, and the merged adapter written with its provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from mergeability.data.tasks import read_split
+from mergeability.errors import MergeabilityError
+from mergeability.exact_match import evaluate_task
+from mergeability.merging import METHODS, base_accuracy_weights, get_method
+from mergeability.models import load_model
+from mergeability.pipelines.tasks import check_bases
+from mergeability.updates import Update, load_update, save_update
+
+
+def method_params_help() -> str:
+    """Every registered method's parameters with their defaults, for --help."""
+    parts = []
+    for name, cls in METHODS.items():
+        fields = [f"{f.name}={f.default}" for f in dataclasses.fields(cls)]
+        parts.append(f"{name}: {', '.join(fields) or '(none)'}")
+    return "; ".join(parts)
+
+
+def parse_params(method: str, items: Sequence[str]) -> dict:
+    """KEY=VALUE texts as the method's parameters (values read as YAML scalars: 0.2, true, null, ties)."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MergeabilityError(f"--param takes KEY=VALUE, got {item!r}")
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise MergeabilityError(f"--param {key}: cannot read the value {value!r}") from None
+    get_method(method, **params)  # unknown names are errors now, before any I/O
+    return params
+
+
+def floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MergeabilityError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+@dataclass
+class EvalSets:
+    """Exact-match accuracy on each adapter's task file: the base model's, each adapter's alone, the merge's."""
+
+    names: list[str]
+    sets: list[list]
+    lm: object
+    base_acc: list[float]
+
+    @classmethod
+    def build(cls, adapters: Sequence[Path], updates: Sequence[Update], files: Sequence[Path], model: str | None):
+        sets = [read_split(Path(f)) for f in files]  # schema errors before the model loads
+        model = model or next((u.base_model for u in updates if u.base_model), None)
+        if not model:
+            raise MergeabilityError("cannot tell the adapters' base model: pass --model")
+        check_bases(((Path(a).name, u.base_model) for a, u in zip(adapters, updates)), model)
+        lm = load_model(model)
+        base = [evaluate_task(lm.model, lm.tokenizer, ex)[0] for ex in sets]
+        return cls([Path(a).name for a in adapters], sets, lm, base)
+
+    def rows(self, updates: Sequence[Update], merged: Update, weights: Sequence[float] | None) -> list[list[str]]:
+        """(adapter, normalised weight, base, fine-tuned, merged accuracy) per adapter."""
+        w = weights or [1.0 / len(self.sets)] * len(self.sets)
+        acc = lambda ex, u: evaluate_task(self.lm.model, self.lm.tokenizer, ex, u)[0]  # noqa: E731
+        return [[n, f"{wi / sum(w):.3f}", f"{b:.2f}", f"{acc(ex, u):.2f}", f"{acc(ex, merged):.2f}"]
+                for n, ex, u, wi, b in zip(self.names, self.sets, updates, w, self.base_acc)]
+
+
+def check_merge_request(adapters, out: Path, force: bool, weights, base_accuracy, eval_files, temperature) -> None:
+    """What can be checked before any adapter is read."""
+    if len(adapters) < 2:
+        raise MergeabilityError(f"a merge needs at least two adapters, got {len(adapters)}")
+    if out.exists() and not force:
+        raise MergeabilityError(f"{out} already exists: choose another path or pass --force")
+    if weights is not None and base_accuracy is not None:
+        raise MergeabilityError("pass either --weights or --base-accuracy, not both")
+    if weights == "base-accuracy" and not eval_files:
+        raise MergeabilityError("--weights base-accuracy needs --eval: one task file per adapter, to measure the "
+                                "base model's accuracy on")
+    if (weights == "base-accuracy" or base_accuracy is not None) and not temperature > 0:
+        raise MergeabilityError(f"temperature must be > 0, got {temperature}")
+    if eval_files and len(eval_files) != len(adapters):
+        raise MergeabilityError(f"got {len(eval_files)} --eval files for {len(adapters)} adapters: pass one per adapter")
+
+
+def merge_weights(n: int, weights: str | None, base_accuracy: str | None, temperature: float,
+                  evals: EvalSets | None) -> list[float] | None:
+    """Per-adapter weights: given, or softmax((1 − acc)/T) of given or measured base accuracies; None = equal."""
+    if weights == "base-accuracy":
+        w = base_accuracy_weights(evals.base_acc, temperature)
+    elif weights is not None:
+        w = floats(weights, "--weights")
+    elif base_accuracy is not None:
+        w = base_accuracy_weights(floats(base_accuracy, "--base-accuracy"), temperature)
+    else:
+        return None
+    if len(w) != n:
+        raise MergeabilityError(f"got {len(w)} weights for {n} adapters: pass one per adapter")
+    return w
+
+
+def merge_adapters(adapters: Sequence[Path], out: Path, merger, w: Sequence[float] | None, *,
+                   updates: Sequence[Update], force: bool = False, meta: dict | None = None) -> Update:
+    """Merge the loaded `updates` of `adapters` and write the result; its provenance holds the method, its
+    parameters, the weights, the sources and `meta`."""
+    merged = merger.merge(list(updates), w)
+    merged.meta["merge"]["sources"] = [str(a) for a in adapters]
+    merged.meta["merge"].update(meta or {})
+    save_update(merged, out, force=force)
+    return merged
+
+
+def load_adapters(adapters: Sequence[Path]) -> list[Update]:
+    return [load_update(a) for a in adapters]

@@ -1,0 +1,21 @@
+"""Where a task-level run's tasks come from: the bundled suite, the Lots-of-LoRAs hub, or a pool directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from mergeability.data.suite import TASKS, build_suite
+from mergeability.data.tasks import Task, select_tasks, load_hub_pool, load_local_pool
+from mergeability.errors import MergeabilityError
+
+
+def load_pool(pool: str, tasks: Sequence[str] | None = None, *, seed: int = 0, sizes: Mapping[str, int] | None = None) -> list[Task]:
+    """'bundled' (the offline suite), 'hub' (Lots-of-LoRAs), or a local pool directory."""
+    if pool == "bundled":
+        return build_suite(select_tasks(list(TASKS), tasks, "the bundled suite"), seed=seed, **(sizes or {}))
+    if pool == "hub":
+        return load_hub_pool(tasks)
+    if not Path(pool).exists():
+        raise MergeabilityError(f"unknown task pool {pool!r}: use bundled, hub, or a pool directory")
+    return load_local_pool(pool, tasks)

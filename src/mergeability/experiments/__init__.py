@@ -1,0 +1,54 @@
+"""The paper's follow-up experiments over a finished run. Each one is a frozen dataclass (its parameters are its
+fields, checked on construction) with a `name`, the `kind` of run it needs, and `run(ctx, console)`, which adds
+units of work to the run's store and writes rows only: tables, figures and verdicts are the report's.
+Every experiment resumes. Adding one = a module here + one line in `EXPERIMENTS` + a known-answer test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from mergeability.errors import MergeabilityError
+from mergeability.experiments.algorithms import Algorithms
+from mergeability.experiments.context import open_context
+from mergeability.experiments.groups import Groups
+from mergeability.experiments.locality import Locality
+from mergeability.experiments.robustness import Robustness
+from mergeability.experiments.weighted import Weighted
+
+EXPERIMENTS: dict[str, type] = {
+    "algorithms": Algorithms,
+    "robustness": Robustness,
+    "locality": Locality,
+    "groups": Groups,
+    "weighted": Weighted,
+}
+
+
+def get_experiment(name: str, **params):
+    if name not in EXPERIMENTS:
+        raise MergeabilityError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name](**params)
+
+
+def run_experiment(experiment, run_dir: Path, console: Console | None = None, overrides: dict | None = None) -> None:
+    """Run `experiment` (an instance, or a name with default parameters) on the finished run in `run_dir`;
+    `overrides` (flat names: backend, ray_address, workers) change how it runs, not what."""
+    if isinstance(experiment, str):
+        experiment = get_experiment(experiment)
+    ctx = open_context(Path(run_dir), overrides or {})
+    if ctx.cfg.kind != experiment.kind:
+        ctx.store.close()
+        others = [n for n, c in EXPERIMENTS.items() if c.kind == ctx.cfg.kind]
+        raise MergeabilityError(f"{run_dir} is a {ctx.cfg.kind} run: {experiment.name} needs a {experiment.kind} "
+                                f"run (experiments for this run: {', '.join(others)})")
+    try:
+        experiment.run(ctx, console or Console())
+    finally:
+        ctx.store.close()
+
+
+__all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "Algorithms", "Robustness", "Locality", "Groups",
+           "Weighted"]

@@ -1,0 +1,225 @@
+"""The example-level run (paper §2, §3.1) on any PopQA-schema dataset: screen every question with the base model
+→ train one update per base-wrong question on its passage → keep the updates that flip their question →
+M trials per kept update → scores.csv. Each stage does only what the store does not already hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from mergeability import run
+from mergeability.analysis.summary import example_summary, example_summary_rows
+from mergeability.backends import check_backend
+from mergeability.config import ExampleConfig
+from mergeability.console import print_table, progress
+from mergeability.data import build_items, load_facts
+from mergeability.data.geo import answer_pool
+from mergeability.engine import Engine
+from mergeability.errors import MergeabilityError
+from mergeability.merging import get_method
+from mergeability.models import load_model, module_name, num_layers
+from mergeability.pipelines.stages import Outcome, WorkerSetup, safe_name, trials_stage, write_scores
+from mergeability.scoring import NORMS, PlainScorer
+from mergeability.training import split_passage, train_update, train_updates_cached
+from mergeability.updates import load_update, save_update
+
+SCORE_COLUMNS = ["id", "score", "relation", "subj", "obj", "s_pop", "gold_prob", "gold_rank", "gap", "post_gold_prob",
+                 "post_gap", "train_loss", "passage_ppl", "passage_tokens", "fro_norm", "top_sv"]
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before anything is written to the run directory."""
+
+    cfg: ExampleConfig
+    lm: object
+    items: list
+    modules: list[str]
+    scorer: object  # Engine or PlainScorer: .score([(item, update or None), ...]) -> [ItemScore]
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.scorer if isinstance(self.scorer, Engine) else None
+
+
+def check_settings(cfg: ExampleConfig) -> None:
+    """The settings that need no data or model, checked first."""
+    d, m, t = cfg.data, cfg.merge, cfg.training
+    if d.items <= 0:
+        raise MergeabilityError(f"--items must be at least 1, got {d.items}")
+    if m.trials <= 0 or m.partners < 0:
+        raise MergeabilityError("--trials must be ≥ 1 and --partners ≥ 0")
+    if m.partners >= d.items:
+        raise MergeabilityError(f"--partners {m.partners} is larger than the pool: at most {d.items - 1} "
+                                f"other updates can exist with --items {d.items}")
+    check_backend(cfg)
+    if cfg.engine not in ("fast", "plain"):
+        raise MergeabilityError(f"unknown engine {cfg.engine!r}: use fast or plain")
+    if d.norm not in NORMS:
+        raise MergeabilityError(f"unknown normalisation {d.norm!r}: use one of {', '.join(NORMS)}")
+    get_method(m.method, **m.params)
+    if t.update not in ("lora", "full"):
+        raise MergeabilityError(f"unknown update kind {t.update!r}: use lora or full")
+    if t.update == "full" and m.method == "knots":
+        raise MergeabilityError("knots needs low-rank (LoRA) updates: with --update full use --method ties or mean")
+
+
+def prepare_examples(cfg: ExampleConfig) -> Prepared:
+    """Check the settings, build the items and load the model: all bad input is found here."""
+    check_settings(cfg)
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    d = cfg.data
+    facts = load_facts(d.dataset, relations=d.relations, limit=d.items, seed=cfg.seed)
+    pools = {r: answer_pool(r) for r in {f.prop for f in facts}} if d.dataset == "geo" else None
+    items = build_items(facts, pools=pools, n_options=d.n_options, k_shot=d.k_shot, distractors=d.distractors,
+                        seed=cfg.seed)
+    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
+    layer = num_layers(lm.model) // 2 if cfg.training.layer is None else cfg.training.layer
+    modules = [module_name(lm.model, layer, t) for t in cfg.training.targets]
+    if cfg.engine == "fast":
+        scorer = Engine(lm.model, lm.tokenizer, modules, norm=d.norm, batch_rows=cfg.batch_rows)
+    else:
+        scorer = PlainScorer(lm.model, lm.tokenizer, norm=d.norm)
+    return Prepared(cfg, lm, items, modules, scorer)
+
+
+def example_evaluator(prep: Prepared):
+    """evaluate(trials, merged) -> [Outcome]: each trial's item scored with its merged update, in one batch."""
+    by_id = {it.id: it for it in prep.items}
+
+    def evaluate(trials, merged):
+        scores = prep.scorer.score([(by_id[t.target], m) for t, m in zip(trials, merged)])
+        return [Outcome(int(s.correct), tuple(s.probs)) for s in scores]
+
+    return evaluate
+
+
+def screen(prep: Prepared, store, bars) -> None:
+    """Score every item with the base model."""
+    done = store.ids("items")
+    items = prep.items
+    bar = bars.stage("screen", len(items), len(done & {it.id for it in items}))
+    step = prep.cfg.batch_rows
+    for chunk in (items[s : s + step] for s in range(0, len(items), step)):
+        if all(it.id in done for it in chunk):
+            continue
+        for it, s in zip(chunk, prep.scorer.score([(it, None) for it in chunk])):
+            if it.id in done:
+                continue
+            store.add_item(dict(id=it.id, relation=it.fact.prop, subj=it.fact.subj, question=it.fact.question,
+                                obj=it.fact.obj, s_pop=it.fact.s_pop, options=list(it.options), gold=it.gold,
+                                correct=int(s.correct), scores=list(s.scores), gold_prob=s.gold_prob,
+                                gold_rank=s.gold_rank, gap=s.gap))
+            bar.advance()
+
+
+def training_batches(prep: Prepared, wrong: list[str]) -> tuple[list[list[str]], dict]:
+    """The training sequences of each base-wrong item's passage, and the batches they train in.
+
+    Batches have fixed members (passages with equal numbers of sequences, in run order), so a resumed run
+    trains a half-recorded batch exactly as the uninterrupted run did."""
+    by_id = {it.id: it for it in prep.items}
+    seqs = {}
+    for i in wrong:
+        if not by_id[i].fact.passage:
+            raise MergeabilityError(f"item {i} has no training passage: add a 'passage' column")
+        seqs[i] = split_passage(prep.lm.tokenizer, by_id[i].fact.passage, prep.cfg.training.max_tokens)
+        if not seqs[i]:
+            raise MergeabilityError(f"item {i}: its passage has no line of two or more tokens to train on")
+    step = prep.cfg.training.batch if prep.engine is not None else 1
+    batches: list[list[str]] = []
+    for i in sorted(wrong, key=lambda i: len(seqs[i])):  # stable: run order within equal lengths
+        last = batches[-1] if batches else None
+        if last is None or len(last) == step or len(seqs[last[0]]) != len(seqs[i]):
+            batches.append([])
+        batches[-1].append(i)
+    return batches, seqs
+
+
+def train_batch(prep: Prepared, ids: list[str], seqs: dict) -> list:
+    """(update, stats) per item of one batch: from the engine's cache together, or one at a time (plain)."""
+    cfg, dev = prep.cfg, prep.cfg.model.device
+    passages = [[s.to(dev) for s in seqs[i]] for i in ids]
+    if prep.engine is not None:
+        return train_updates_cached(prep.engine, passages, ids, prep.modules, cfg.training, seed=cfg.seed,
+                                    base_model=cfg.model.name)
+    return [train_update(prep.lm.model, passages[0], prep.modules, cfg.training, seed=cfg.seed, key=ids[0],
+                         base_model=cfg.model.name)]
+
+
+def train(prep: Prepared, store, out: Path, bars) -> None:
+    """Train one update per base-wrong item; keep (save) it if it makes the item correct."""
+    by_id = {it.id: it for it in prep.items}
+    wrong_ids = store.wrong_items()
+    wrong = [it.id for it in prep.items if it.id in wrong_ids]  # the run's item order, not the store's
+    done = store.ids("updates", "item_id")
+    bar = bars.stage("train", len(wrong), len(done & set(wrong)))
+    batches, seqs = training_batches(prep, wrong)
+    for ids in batches:
+        if all(i in done for i in ids):
+            continue
+        trained = train_batch(prep, ids, seqs)
+        post = prep.scorer.score([(by_id[i], upd) for i, (upd, _) in zip(ids, trained)])
+        for i, (upd, stats), s in zip(ids, trained, post):
+            if i in done:
+                continue
+            path = Path(run.UPDATES) / safe_name(i)
+            if s.correct:
+                save_update(upd, out / path, force=True)
+            store.add_update(dict(item_id=i, path=str(path) if s.correct else None, kept=int(s.correct),
+                                  train_loss=stats.loss, passage_ppl=stats.base_ppl,
+                                  passage_tokens=stats.input_tokens, post_scores=list(s.scores),
+                                  post_gold_prob=s.gold_prob, post_gap=s.gap, fro_norm=upd.fro_norm(),
+                                  top_sv=upd.top_singular_value()))
+            bar.advance()
+
+
+def kept_updates(prep: Prepared, store, out: Path) -> dict:
+    """The kept updates of this run's items, loaded, by id; a one-line error if too few for N partners."""
+    ids = {it.id for it in prep.items}
+    kept = {i: p for i, p in store.kept_updates().items() if i in ids}
+    n = prep.cfg.merge.partners
+    if len(kept) <= n:
+        raise MergeabilityError(f"--partners {n} is larger than the pool: only {len(kept)} updates "
+                                f"were kept; lower --partners or raise --items, then --resume")
+    return {i: load_update(out / p) for i, p in kept.items()}
+
+
+def score_rows(cfg: ExampleConfig, store, pool: list[str]) -> list[dict]:
+    """One row per scored update of `pool`: its score and every feature recorded (SCORE_COLUMNS)."""
+    sc = run.scores(store, run.run_key(cfg), pool, cfg.merge.trials)
+    return [{c: sc[r["id"]] if c == "score" else r[c] for c in SCORE_COLUMNS}
+            for r in store.kept_update_rows() if r["id"] in sc]
+
+
+def run_examples(cfg: ExampleConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
+    """Screen → train → trials → scores.csv. Returns the summary."""
+    console = console or Console()
+    out = run.check_new(out, resume)
+    timings = run.Timings()
+    with timings.stage("load"):
+        prep = prepare_examples(cfg)  # all bad input is found here, before the run directory exists
+    store = run.create(out, cfg)
+    store.set_meta("provenance", run.provenance(cfg, norm=cfg.data.norm, modules=prep.modules))
+    with progress(console) as bars:
+        with timings.stage("screen"):
+            screen(prep, store, bars)
+        with timings.stage("train"):
+            train(prep, store, out, bars)
+        with timings.stage("trials"):
+            updates = kept_updates(prep, store, out)
+            pool = sorted(updates)
+            setup = WorkerSetup(cfg, prepare_examples, example_evaluator)
+            trials_stage(cfg, store, setup, example_evaluator(prep), updates, pool, run.run_key(cfg), bars,
+                         "trials", chunk=cfg.batch_rows, reference=cfg.engine == "plain")
+    summary = example_summary(cfg, store, pool)
+    write_scores(out / "scores.csv", SCORE_COLUMNS, score_rows(cfg, store, pool))
+    store.set_meta("timings", dict(timings))
+    store.close()
+    summary["timings"] = dict(timings)
+    print_table(console, "mergeability run", ["", "value"], example_summary_rows(summary, console=True))
+    return summary

@@ -1,0 +1,79 @@
+"""What both kinds of run share: the trials stage, the worker setup, the scores file.
+
+An evaluator is `evaluate(trials, merged) -> [Outcome]`: each trial's target evaluated with its merged update.
+The example-level run's outcome is 0/1 (the item answered correctly) with the option probabilities; the
+task-level run's is the task's exact-match accuracy with each test example's correctness.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from mergeability.atomic import atomic_file
+from mergeability.backends import pool_for
+from mergeability.estimate import plan_trials, run_trials
+from mergeability.store import Store
+
+
+@dataclass(frozen=True)
+class Outcome:
+    correct: float  # 0/1 for an item; exact-match accuracy for a task
+    detail: tuple  # option probabilities of an item; per-example correctness (0/1) of a task
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Builds, inside a worker, the evaluator of a run: `evaluator(prepare(cfg))`. Picklable (module-level
+    functions and a config), so Ray actors can build their own copy of the model once."""
+
+    cfg: object
+    prepare: Callable
+    evaluator: Callable
+
+    def __call__(self):
+        cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, threads=None))
+        return self.evaluator(self.prepare(cfg))  # a worker keeps the threads its backend gave it
+
+
+def trials_stage(cfg, store: Store, setup: WorkerSetup, evaluate, updates: Mapping, targets: Sequence[str],
+                 key: str, bars, label: str, *, method: str | None = None, params: Mapping | None = None,
+                 trials: int | None = None, partners: int | None = None, chunk: int = 1,
+                 reference: bool = False) -> None:
+    """M trials per target, each merging it with N partners drawn from `targets`, recorded under `key`; the
+    method, its parameters, M and N default to the run's own. Resumes: recorded trials are skipped."""
+    m = cfg.merge
+    method = m.method if method is None else method
+    params = m.params if params is None else params
+    plan = plan_trials(cfg.seed, targets, targets, m.trials if trials is None else trials,
+                       m.partners if partners is None else partners)
+    done = store.done_trials(method, key)
+    bar = bars.stage(label, len(plan), sum((p.target, p.trial) in done for p in plan))
+
+    def record(trial, outcome: Outcome) -> None:
+        store.add_trial(dict(target=trial.target, trial=trial.trial, method=method, params=key,
+                             partners=list(trial.partners), correct=outcome.correct, probs=list(outcome.detail)))
+        bar.advance()
+
+    with pool_for(cfg, setup, evaluate, updates) as workers:
+        run_trials(plan, updates, method, params, evaluate, record, done, chunk=chunk, pool=workers,
+                   reference=reference)
+
+
+def safe_name(update_id: str) -> str:
+    """A directory name for an update or task id (item ids hold '/')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", update_id)
+
+
+def write_scores(path: Path, columns: Sequence[str], rows: Sequence[Mapping]) -> None:
+    """The scores file: one row per scored update, floats to 6 significant digits. Written atomically."""
+    fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else v  # noqa: E731
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: fmt(v) for k, v in r.items()})

@@ -1,0 +1,122 @@
+"""A run directory and what every run records: the one place that creates, opens and locks one.
+
+    RUN_DIR/
+      config.yaml      the resolved config; its `kind` (examples | tasks) says which kind of run this is
+      results.sqlite   the store: items or tasks, updates, trials, experiments, meta (provenance, timings)
+      updates/         PEFT adapter directories the run trained
+      scores.csv       one row per scored update
+      report.html, report.md, figures/
+
+Pipelines, experiments and reports all reach a run through this module and the store's methods, never
+through each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from mergeability.atomic import clear_stale
+from mergeability.config import load_config, save_config
+from mergeability.errors import MergeabilityError
+from mergeability.estimate import params_key
+from mergeability.store import Store
+from mergeability.version import __version__
+
+CONFIG, STORE, UPDATES = "config.yaml", "results.sqlite", "updates"
+
+
+def check_new(out: Path, resume: bool) -> Path:
+    """`out` as a Path, refusing a directory with content unless the run is resumed."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise MergeabilityError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    return out
+
+
+def create(out: Path, cfg) -> Store:
+    """Create (or reopen) a run directory once its input is checked: lock it, clear what a killed run left
+    half-written, write the resolved config. Returns the (locked) store."""
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / STORE)  # takes the run's lock before anything is written
+    (out / UPDATES).mkdir(exist_ok=True)
+    clear_stale(out / UPDATES)
+    save_config(cfg, out / CONFIG)
+    return store
+
+
+def open_run(run_dir: Path, *, lock: bool = True, kind: str | None = None):
+    """(config, store) of an existing run directory, or a one-line error if it is not one (of `kind`)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STORE).exists() or not (run_dir / CONFIG).exists():
+        raise MergeabilityError(f"{run_dir} is not a run directory: it has no {STORE} and {CONFIG}")
+    cfg = load_config(run_dir / CONFIG, kind=None)
+    if kind is not None and cfg.kind != kind:
+        raise MergeabilityError(f"{run_dir} is a {cfg.kind} run: this needs a {kind} run")
+    return cfg, Store(run_dir / STORE, lock=lock)
+
+
+def provenance(cfg, **extra) -> dict:
+    """What produced a run's results: model, revision, dtype, seed, library versions, and `extra`."""
+    m = cfg.model
+    return {"model": m.name, "revision": m.revision, "dtype": m.dtype, **extra, "seed": cfg.seed,
+            "version": __version__, "torch": torch.__version__}
+
+
+class Timings(dict):
+    """Seconds per stage, in stage order."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------------- trial keys, scores
+
+
+def run_key(cfg, partners: int | None = None) -> str:
+    """The trial key of an example-level run's own method and parameters (optionally with another N)."""
+    m = cfg.merge
+    return params_key(m.method, {**m.params, "partners": m.partners if partners is None else partners})
+
+
+def pool_key(cfg, pool: Sequence[str]) -> str:
+    """The trial key of a task-level pool: method, parameters, N, and the pool itself (partners come from it)."""
+    m = cfg.merge
+    digest = hashlib.sha256("\x1f".join(sorted(pool)).encode()).hexdigest()[:16]
+    return params_key(m.method, {**m.params, "partners": m.partners, "pool": digest})
+
+
+def scores(store: Store, key: str, pool, trials: int, first: int = 0, complete: bool = False) -> dict[str, float]:
+    """Mergeability score per update: mean correctness over trials first … first + trials − 1 under `key`.
+
+    Only those trials count: an experiment that adds trials to the same key never changes the run's score.
+    With `complete`, updates missing any of those trials are left out.
+    """
+    keep = set(pool)
+    return {t: mean for t, (mean, n) in store.trial_means(key, first, trials).items()
+            if t in keep and (not complete or n == trials)}
+
+
+def example_scores(cfg, store: Store) -> dict[str, float]:
+    """The scores of an example-level run's kept updates under its own key."""
+    return scores(store, run_key(cfg), list(store.kept_updates()), cfg.merge.trials)
+
+
+def task_pools(store: Store) -> dict[float, list[str]]:
+    """threshold -> the tasks scored together at it (recorded by the run)."""
+    return {float(k): v for k, v in (store.get_meta("pools") or {}).items()}
+
+
+def task_scores(cfg, store: Store, pool: Sequence[str]) -> dict[str, float]:
+    """Mergeability score per task of `pool`: its mean exact-match accuracy over the M trials."""
+    return scores(store, pool_key(cfg, pool), pool, cfg.merge.trials)
