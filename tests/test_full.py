@@ -5,6 +5,7 @@ import sqlite3
 
 import torch
 from rich.console import Console
+from test_pipeline import cfg_for, dataset  # noqa: F401  (the fixture)
 
 from conftest import run_cli, word_facts
 from mergeability.config import ItemTraining
@@ -12,7 +13,6 @@ from mergeability.engine import Engine
 from mergeability.models import get_module, load_model
 from mergeability.training import split_passage, train_update, train_updates_cached
 from mergeability.updates import Dense, load_update, save_update
-from test_pipeline import cfg_for, dataset  # noqa: F401  (the fixture)
 
 UP1 = "model.layers.1.mlp.up_proj"
 

@@ -2,8 +2,16 @@ import pytest
 import torch
 
 from mergeability import MergeabilityError
-from mergeability.models import (BUNDLED, cache_dir, decoder_layers, get_module, layer_index, load_model,
-                                 module_name, num_layers)
+from mergeability.models import (
+    BUNDLED,
+    cache_dir,
+    decoder_layers,
+    get_module,
+    layer_index,
+    load_model,
+    module_name,
+    num_layers,
+)
 
 
 def test_load_local_dir_and_find_modules(tiny_model_dir):
@@ -54,7 +62,7 @@ def test_not_a_causal_lm_is_an_error(tmp_path):
 
 
 def test_layer_stacks_of_other_families():
-    from transformers import Qwen2Config, Qwen2ForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     kw = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
               num_key_value_heads=1)

@@ -146,10 +146,9 @@ def test_config_file_errors(tmp_path, capsys):
 
 
 def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    from mergeability.estimate import params_key
     from mergeability.experiments import run_experiment
     from mergeability.report.build import build_report
-
-    from mergeability.estimate import params_key
     from mergeability.run import scores
 
     cfg = cfg_for(tiny_model_dir, dataset)
@@ -184,8 +183,8 @@ def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_pa
 
 def test_locality_and_groups_experiments(tiny_model_dir, dataset, tmp_path, monkeypatch):
     from mergeability.experiments import groups, locality, run_experiment
-    from mergeability.run import example_scores
     from mergeability.report.build import build_report
+    from mergeability.run import example_scores
 
     cfg = cfg_for(tiny_model_dir, dataset)
     run = tmp_path / "run"

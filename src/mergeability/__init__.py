@@ -1,8 +1,8 @@
 """mergeability: measure, explain and exploit how well model updates survive merging."""
 
 from mergeability.errors import MergeabilityError
-from mergeability.updates import Dense, LowRank, Update, load_update, save_update
 from mergeability.merging import METHODS, get_method, merge
+from mergeability.updates import Dense, LowRank, Update, load_update, save_update
 from mergeability.version import __version__
 
 __all__ = [

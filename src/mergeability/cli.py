@@ -11,7 +11,13 @@ import typer
 from rich.console import Console
 
 from mergeability.adapters import (
-    EvalSets, check_merge_request, floats, load_adapters, merge_adapters, merge_weights, method_params_help,
+    EvalSets,
+    check_merge_request,
+    floats,
+    load_adapters,
+    merge_adapters,
+    merge_weights,
+    method_params_help,
     parse_params,
 )
 from mergeability.config import load_config, override
@@ -58,7 +64,8 @@ def merge(
     eval_sets: Annotated[Optional[list[Path]], typer.Option(
         "--eval", help="A task split file (.jsonl/.parquet with input, output) per adapter, in adapter order: "
                        "report base, fine-tuned and merged exact-match accuracy on each.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Base model for --eval (default: the adapters' base model).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Base model for --eval (default: the adapters' base model).")] = None,
     base_accuracy: Annotated[Optional[str], typer.Option(
         help="Per-adapter base-model accuracies in [0,1]; weights become softmax((1-acc)/T) (paper §6).")] = None,
     temperature: Annotated[float, typer.Option(help="T of the base-accuracy weights.")] = 1.0,
@@ -119,7 +126,8 @@ def run_popqa_cmd(
     method: Method = None,
     layer: Annotated[Optional[int], typer.Option(help="Decoder layer to adapt. [the middle one]")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank. [64]")] = None,
-    update: Annotated[Optional[str], typer.Option(help="lora | full: dense ΔW of the target modules (A.8). [lora]")] = None,
+    update: Annotated[Optional[str], typer.Option(
+        help="lora | full: dense ΔW of the target modules (A.8). [lora]")] = None,
     device: Device = None,
     dtype: Dtype = None,
     seed: Seed = None,
@@ -150,7 +158,8 @@ def run_tasks_cmd(
     pool: Annotated[Optional[str], typer.Option(help="bundled | hub (Lots-of-LoRAs) | a local pool directory.")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task names or numbers (default: all).")] = None,
     model: Model = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Keep tasks with fine-tuned accuracy ≥ this. [0.9]")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Keep tasks with fine-tuned accuracy ≥ this. [0.9]")] = None,
     trials: Trials = None,
     partners: Annotated[Optional[int], typer.Option(help="N: partners merged with the task per trial. [5]")] = None,
     method: Method = None,

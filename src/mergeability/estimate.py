@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from mergeability.backends import LocalPool
 from mergeability.errors import MergeabilityError
 from mergeability.merging import get_method
 from mergeability.updates import Update
@@ -84,8 +85,6 @@ def run_trials(
     runs the chunks elsewhere, with its own evaluator; by default they run here with `evaluate`. `reference`
     merges by each method's obvious route (the plain engine's end-to-end check of the fast merges).
     """
-    from mergeability.backends import LocalPool
-
     get_method(method, **params)  # a bad method fails here, not in a worker
     pool = pool or LocalPool(evaluate, updates)
     chunks = [list(plan[s : s + chunk]) for s in range(0, len(plan), chunk)]

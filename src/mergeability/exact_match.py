@@ -73,7 +73,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     is laid out as [shared prefix | padding | own tokens]."""
     enc = [tokenizer(p).input_ids for p in prompts]
     limit = getattr(model.config, "max_position_embeddings", None)
-    for p, ids in zip(prompts, enc):
+    for ids in enc:
         if limit is not None and len(ids) + max_new_tokens > limit:
             raise MergeabilityError(f"a prompt of {len(ids)} tokens plus {max_new_tokens} new ones exceeds the "
                                     f"model's context of {limit} tokens: use a model with a longer context")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from safetensors.torch import save_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 from mergeability.atomic import atomic_dir
 from mergeability.errors import MergeabilityError
@@ -56,10 +59,6 @@ def bundled_model_dir() -> Path:
     target = cache_dir() / BUNDLED
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    import sys
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = _bundled_gguf()
     print(f"dequantising the bundled model once into {target} (~30 s; later loads take ~1 s)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -110,9 +109,6 @@ def load_model(
     revision: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode, parameters frozen."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # our own progress bars are the ones a user should read
     hf_logging.set_verbosity_error()
     if dtype not in DTYPES:
@@ -140,8 +136,6 @@ def _is_causal(config) -> bool:
     # A saved architecture says what the checkpoint is (BertModel is no LM even though BERT has an LM head class).
     if config.architectures:
         return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 

@@ -211,7 +211,7 @@ def train_updates_cached(
     with torch.no_grad():
         base = [_row_nll(engine, *st) for st in steps]
     n_tok = sum(t for _, t in base).cpu()
-    base_nll = sum(l for l, _ in base).cpu()
+    base_nll = sum(nll for nll, _ in base).cpu()
     factors = init_params(engine.model, modules, cfg.rank, cfg.update == "full", seed, keys, batched=True,
                           device=engine.device)
     scale = cfg.alpha / cfg.rank

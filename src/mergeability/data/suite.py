@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 from typing import Callable, Sequence
 
+from mergeability import seeding
 from mergeability.data.geo import tables
 from mergeability.data.tasks import Example, Task
-from mergeability import seeding
 from mergeability.errors import MergeabilityError
 
 _UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -124,7 +124,8 @@ def build_task(name: str, *, seed: int = 0, train: int = 64, valid: int = 16, te
             rows.append((x, ys))
     if len(rows) < train + valid + test:
         raise MergeabilityError(f"task {name} has only {len(rows)} distinct instances: ask for fewer")
-    ex = [Example(f"{name}-{i}", prompt(definition, (shot_x, shot_y[0]), x), tuple(ys)) for i, (x, ys) in enumerate(rows)]
+    ex = [Example(f"{name}-{i}", prompt(definition, (shot_x, shot_y[0]), x), tuple(ys))
+          for i, (x, ys) in enumerate(rows)]
     splits = {"train": ex[:train], "valid": ex[train : train + valid], "test": ex[train + valid :]}
     return Task(name, splits, meta={"definition": definition})
 

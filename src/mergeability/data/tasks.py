@@ -146,7 +146,8 @@ def load_hub_pool(tasks: Sequence[str] | None = None, org: str = HUB_ORG) -> lis
         import datasets
         from huggingface_hub import HfApi, snapshot_download
     except ImportError:
-        raise MergeabilityError("hub task pools need huggingface_hub and datasets: pip install 'mergeability[hub]'") from None
+        raise MergeabilityError("hub task pools need huggingface_hub and datasets: "
+                                "pip install 'mergeability[hub]'") from None
     try:
         api = HfApi()
         adapters = [m.id.split("/", 1)[1] for m in api.list_models(author=org)]

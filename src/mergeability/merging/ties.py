@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,8 +32,6 @@ def magnitude_threshold(x: Tensor, density: float) -> Tensor:
     a = x.detach().abs().flatten()
     k = max(1, round(density * a.numel()))
     if a.device.type == "cpu":
-        import numpy as np
-
         return torch.tensor(np.partition(a.numpy(), a.numel() - k)[a.numel() - k], dtype=a.dtype)
     return torch.kthvalue(a, a.numel() - k + 1).values
 

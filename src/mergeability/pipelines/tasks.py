@@ -215,7 +215,8 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
     store.set_meta("timings", dict(timings))
     store.close()
     summary["timings"] = dict(timings)
-    title = f"task-level run: {summary['kept']} of {summary['tasks']} tasks reach fine-tuned accuracy ≥ {cfg.data.threshold:g}"
+    title = (f"task-level run: {summary['kept']} of {summary['tasks']} tasks reach fine-tuned accuracy "
+             f"≥ {cfg.data.threshold:g}")
     print_table(console, title, ["task", "base acc", "fine-tuned acc", "mergeability score"], per_task_rows(summary))
     console.print(f"mean mergeability score {summary['mean_score']:.3f}; "
                   + "; ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

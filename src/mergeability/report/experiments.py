@@ -118,7 +118,8 @@ def locality_section(cfg, store, main, figdir) -> Sections:
         "Mergeability is local: high-score updates stay stable whatever partners (§5.1)",
         f"fixed-set accuracy {min(fixed_acc):.2f}–{max(fixed_acc):.2f} across partner bins; "
         f"partners {min(partner_acc):.2f}–{max(partner_acc):.2f}",
-        f"χ² test of fixed-set accuracy vs partner bin, p = {t.p:.2g} (rule: supported if p ≥ {ALPHA} and spread < 0.25)",
+        f"χ² test of fixed-set accuracy vs partner bin, p = {t.p:.2g} "
+        f"(rule: supported if p ≥ {ALPHA} and spread < 0.25)",
         verdict)
     return out
 
@@ -138,8 +139,10 @@ def groups_section(cfg, store, main, figdir) -> Sections:
     out.tables.append(Table("Accuracy when merging updates of one score bin (A.20)", ["bin", "accuracy"],
                             [[f"{x:.2f}", f"{mean[('bin', x)]:.3f}"] for x in bins]))
     out.tables.append(Table("Accuracy when mixing lowest- and highest-score updates (A.21)",
-                            ["share of high-score updates", "accuracy"], [[f"{x:.0%}", f"{mean[('mix', x)]:.3f}"] for x in mix]))
-    grow = {kind.split(":")[1]: sorted(x for k2, x in mean if k2 == kind) for kind, _ in mean if kind.startswith("grow")}
+                            ["share of high-score updates", "accuracy"],
+                            [[f"{x:.0%}", f"{mean[('mix', x)]:.3f}"] for x in mix]))
+    grow = {kind.split(":")[1]: sorted(x for k2, x in mean if k2 == kind)
+            for kind, _ in mean if kind.startswith("grow")}
     series = {f"bin {b}": (xs, [mean[(f"grow:{b}", x)] for x in xs]) for b, xs in sorted(grow.items())}
     out.tables.append(Table("Accuracy as the number of merged updates grows (A.22)", ["bin", "merged", "accuracy"],
                             [[b, str(x), f"{y:.3f}"] for b, (xs, ys) in series.items() for x, y in zip(xs, ys)]))

@@ -41,7 +41,8 @@ def feature_sections(cfg, d: dict, corr: dict, degr, figdir: Path) -> Sections:
     out = Sections()
     panels = [(label, per_bin(d[f], d["score"], None, seed=cfg.seed, n_bins=N_BINS)) for f, label in FEATURES.items()]
     title = "Causes by mergeability score: base accuracy (Fig. 4), perplexity (A.5), context (A.6), weights (Table 1)"
-    out.figures.append((title, bins_figure(panels, figdir / "task_bins.png", "Task-level causes by mergeability score")))
+    fig = bins_figure(panels, figdir / "task_bins.png", "Task-level causes by mergeability score")
+    out.figures.append((title, fig))
     rows = [["tasks"] + [str(b.count) for b in panels[0][1]]]
     rows += [[label] + [f"{fmt(b.mean)} [{fmt(b.ci[0])}, {fmt(b.ci[1])}]" for b in bins] for label, bins in panels]
     out.tables.append(Table("Features per score bin, mean [95% CI] (Table 1 for the weight rows)",
