@@ -1,4 +1,5 @@
 import base64
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -27,13 +28,15 @@ def synthetic_run(path, n=80, seed=0):
     for i in range(n):
         k = rng.binomial(M, p[i])
         score = k / M
-        store.add_item(dict(id=f"u{i}", relation="r", subj="s", question="q", obj="o", s_pop=float(rng.integers(1, 10**6)),
+        store.add_item(dict(id=f"u{i}", relation="r", subj="s", question="q", obj="o",
+                            s_pop=float(rng.integers(1, 10**6)),
                             options=["o"] * 8, gold=0, correct=0, scores=[0.0] * 8,
                             gold_prob=0.1 + 0.5 * score + 0.05 * rng.random(),
                             gold_rank=int(rng.integers(1, 8)), gap=0.9 - 0.7 * score + 0.05 * rng.random()))
         store.add_update(dict(item_id=f"u{i}", path=f"updates/u{i}", kept=1, train_loss=0.5,
                               passage_ppl=float(rng.lognormal(2, 0.3)), passage_tokens=int(rng.integers(40, 120)),
-                              post_scores=[1.0] + [0.0] * 7, post_gold_prob=0.2 + 0.5 * score + 0.5 * score + 0.05 * rng.random(),
+                              post_scores=[1.0] + [0.0] * 7,
+                              post_gold_prob=0.2 + 0.5 * score + 0.5 * score + 0.05 * rng.random(),
                               post_gap=0.0, fro_norm=float(rng.normal(30, 2)), top_sv=float(rng.normal(25, 2))))
         for t in range(M):
             store.add_trial(dict(target=f"u{i}", trial=t, method=cfg.merge.method, params=key, partners=["x"],
@@ -84,19 +87,47 @@ def test_bootstrap_is_deterministic_under_seed():
 
 
 class _Parser(HTMLParser):
+    """Images, every header cell, and each table as (header cells, body rows of cell texts)."""
+
     def __init__(self):
         super().__init__()
-        self.imgs, self.headers, self._th = [], [], False
+        self.imgs, self.headers, self.tables, self._cell = [], [], [], None
 
     def handle_starttag(self, tag, attrs):
         if tag == "img":
             self.imgs.append(dict(attrs)["src"])
-        self._th = tag == "th"
+        elif tag == "table":
+            self.tables.append(([], []))
+        elif tag == "tr" and self.tables:
+            self.tables[-1][1].append([])
+        elif tag in ("th", "td"):
+            self._cell = tag
+            if tag == "td":
+                self.tables[-1][1][-1].append("")
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self._cell = None
 
     def handle_data(self, data):
-        if self._th:
+        if self._cell == "th":
             self.headers.append(data)
-            self._th = False
+            self.tables[-1][0].append(data)
+        elif self._cell == "td":
+            self.tables[-1][1][-1][-1] += data
+
+
+def md_claims(md: str) -> dict[str, str]:
+    """claim -> verdict, from the claims table of report.md (the table under '## Claims')."""
+    section = md.split("## Claims", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln)[1:-1]] for ln in lines]
+    assert cells and cells[0] == ["claim (paper)", "measured", "CI / p-value", "verdict"], cells[:1]
+    return {row[0]: row[-1].strip("*") for row in cells[2:]}  # past the header and the |---| line
+
+
+GAP = "The base model's probability gap"  # falls with the score by construction: supported
+LOCAL = "Mergeability is local"  # needs an experiment the synthetic run has not got: inconclusive
 
 
 def test_report_html_is_self_contained(tmp_path):
@@ -111,7 +142,15 @@ def test_report_html_is_self_contained(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     for col in ("claim (paper)", "measured", "CI / p-value", "verdict", "ρ", "95% CI", "observed", "expected"):
         assert col in p.headers
-    assert "supported" in html_path.read_text()
+    # the claims table renders each claim's own verdict: the synthetic data fix two of them
+    [rows] = [rows for cols, rows in p.tables if cols == ["claim (paper)", "measured", "CI / p-value", "verdict"]]
+    verdicts = {r[0]: r[-1] for r in rows if r}
+    assert next(v for c, v in verdicts.items() if c.startswith(GAP)) == "supported", verdicts
+    assert next(v for c, v in verdicts.items() if c.startswith(LOCAL)) == "inconclusive", verdicts
+    md = md_claims((run / "report.md").read_text())
+    assert next(v for c, v in md.items() if c.startswith(GAP)) == "supported", md
+    assert next(v for c, v in md.items() if c.startswith(LOCAL)) == "inconclusive", md
+    assert md == verdicts  # the same claims and verdicts in both renderings
 
 
 def test_report_of_a_non_run_is_an_error(tmp_path):

@@ -5,9 +5,8 @@ import sqlite3
 
 import torch
 from rich.console import Console
-from test_pipeline import cfg_for, dataset  # noqa: F401  (the fixture)
 
-from conftest import run_cli, word_facts
+from conftest import cfg_for, run_cli, word_facts
 from mergeability.config import ItemTraining
 from mergeability.engine import Engine
 from mergeability.models import get_module, load_model

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from mergeability.errors import MergeabilityError
 
 BACKENDS = ("local", "ray")
+# Seconds RayPool.map waits with no job finishing before it gives up with a one-line error (a worker that cannot
+# start or be scheduled, or that hangs). MERGEABILITY_RAY_TIMEOUT changes it; it covers the workers' setup too.
+RAY_TIMEOUT_S = 1800.0
 
 
 class LocalPool:
@@ -47,9 +52,13 @@ class RayPool:
             except Exception as e:  # no cluster at the address, …: one line is what the user needs
                 raise MergeabilityError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
                                         f"{str(e).splitlines()[0]}") from None
+        if _live_nodes(ray) == 0:  # this process's Ray is up but its cluster died (stopped, crashed, OOM-killed)
+            raise MergeabilityError("the Ray cluster this process is connected to has no live node: "
+                                    "restart it (or the process)")
         res = ray.cluster_resources()
         if workers is None:
-            workers = int(res.get("GPU", 0) // gpus_per_worker) if gpus_per_worker else int(res.get("CPU", 1) // cpus_per_worker)
+            workers = (int(res.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
+                       else int(res.get("CPU", 1) // cpus_per_worker))
         if workers < 1:
             raise MergeabilityError(f"the Ray cluster has no room for a worker ({res}): lower --workers' needs")
         shared_ref = ray.put(shared)
@@ -57,21 +66,40 @@ class RayPool:
         self.actors = [actor.remote(setup, shared_ref, cpus_per_worker) for _ in range(workers)]
 
     def map(self, job: Callable, payloads: Sequence) -> Iterator[tuple[int, Any]]:
+        """(index, result) of each payload as jobs finish. A job that raises, a worker that dies, or no job
+        finishing for `timeout` seconds (MERGEABILITY_RAY_TIMEOUT, default RAY_TIMEOUT_S) is a one-line
+        MergeabilityError: never a wait without end."""
         ray = self.ray
+        timeout = float(os.environ.get("MERGEABILITY_RAY_TIMEOUT") or RAY_TIMEOUT_S)
         free, running, queue = list(self.actors), {}, list(enumerate(payloads))
+        last = time.monotonic()
         while queue or running:
             while free and queue:
                 i, p = queue.pop(0)
                 a = free.pop()
                 running[a.run.remote(job, p)] = (i, a)
-            ready, _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=min(10.0, timeout))
+            if not ready:
+                if _live_nodes(ray) == 0:  # actors can never be placed again: say so now, not at the timeout
+                    raise MergeabilityError(f"the Ray cluster lost its last node with {len(running)} jobs running")
+                if time.monotonic() - last > timeout:
+                    raise MergeabilityError(
+                        f"no Ray job finished in {timeout:.0f} s ({len(running)} running, {len(queue)} queued; "
+                        f"free in the cluster: {_resources(ray)}): a worker cannot start or is stuck")
+                continue
+            last = time.monotonic()
             i, a = running.pop(ready[0])
+            try:
+                result = ray.get(ready[0], timeout=timeout)
+            except Exception as e:  # the job raised, or its worker died: one line, not a remote traceback
+                raise MergeabilityError(f"Ray job {i} failed: {_one_line(e)}") from None
             free.append(a)
-            yield i, ray.get(ready[0])
+            yield i, result
 
     def close(self) -> None:
         for a in self.actors:
-            self.ray.kill(a)
+            with contextlib.suppress(Exception):  # already dead, or Ray already shut down
+                self.ray.kill(a)
         self.actors = []
 
 
@@ -84,6 +112,38 @@ class _Worker:
 
     def run(self, job: Callable, payload: Any) -> Any:
         return job(self.context, self.shared, payload)
+
+
+def _live_nodes(ray) -> int | None:
+    """Alive nodes of the cluster, or None when the cluster cannot be asked (then only the timeout decides)."""
+    try:
+        return sum(1 for n in ray.nodes() if n.get("Alive"))
+    except Exception:
+        return None
+
+
+def _resources(ray) -> str:
+    try:
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(ray.available_resources().items())
+                         if k in ("CPU", "GPU")) or "no CPU or GPU"
+    except Exception:
+        return "unknown"
+
+
+def _one_line(e: BaseException) -> str:
+    """A remote failure in one line: the job's own exception where Ray carries it; for a worker that died, why
+    (the exception of its setup when that is what killed it)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if isinstance(e, MergeabilityError):
+        return lines[0] if lines else "MergeabilityError"
+    if type(e).__name__ == "ActorDiedError":
+        if getattr(e, "actor_init_failed", False) and lines:  # "… creation task, … Traceback … X: msg"
+            return f"a Ray worker could not start: {lines[-1].split('MergeabilityError: ', 1)[-1]}"
+        return f"a Ray worker died: {lines[0] if lines else 'no reason given'}"
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _import_ray():
