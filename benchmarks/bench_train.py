@@ -54,7 +54,8 @@ def main() -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        peft_deltas.append(lora.scaling["default"] * (lora.lora_B["default"].weight @ lora.lora_A["default"].weight).detach())
+        delta = lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+        peft_deltas.append(lora.scaling["default"] * delta.detach())
     t_peft = (time.perf_counter() - t) / len(facts)
     model = peft_model.unload()  # the plain base model again
 

@@ -38,7 +38,7 @@ def test_engine_matches_plain_path(lm, mods, norm):
     assert eng.first == min(int(m.split(".")[2]) for m in mods)
     fast = eng.score(reqs)
     plain = PlainScorer(lm.model, lm.tokenizer, norm=norm).score(reqs)
-    for (it, u), f, p in zip(reqs, fast, plain):
+    for f, p in zip(fast, plain):
         assert max(abs(a - b) for a, b in zip(f.scores, p.scores)) < 1e-4
         assert f.pred == p.pred
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -125,7 +127,8 @@ def test_mean_matches_peft_cat_combination(tiny_model):
     merged = merge(ups, "mean", w)
     for mod_name, mod in model.base_model.model.named_modules():
         if hasattr(mod, "lora_A") and "cat_ab" in mod.lora_A:
-            peft_delta = mod.scaling["cat_ab"] * mod.lora_B["cat_ab"].weight.double() @ mod.lora_A["cat_ab"].weight.double()
+            a, b = mod.lora_A["cat_ab"].weight.double(), mod.lora_B["cat_ab"].weight.double()
+            peft_delta = mod.scaling["cat_ab"] * b @ a
             torch.testing.assert_close(merged.delta(mod_name).double(), peft_delta, rtol=1e-5, atol=1e-6)
 
 
@@ -227,8 +230,8 @@ def test_base_accuracy_weights():
 
 
 def test_registry_parameters_are_typed_dataclasses():
-    for name, cls in METHODS.items():
+    for name in METHODS:
         m = get_method(name)
         assert m.name == name
-        with pytest.raises(Exception):  # frozen: parameters are stored, not mutated
+        with pytest.raises(dataclasses.FrozenInstanceError):  # frozen: parameters are stored, not mutated
             m.lam = 2.0

@@ -4,27 +4,10 @@ import sqlite3
 import pytest
 from rich.console import Console
 
-from conftest import run_cli, word_facts
+from conftest import cfg_for, run_cli
 from mergeability import MergeabilityError, load_update
-from mergeability.config import from_flat
 from mergeability.pipelines import run_examples
 from mergeability.store import Store
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "facts.jsonl"
-    rows = [dict(id=f.id, subj=f.subj, prop=f.prop, obj=f.obj, s_pop=f.s_pop, question=f.question,
-                 possible_answers=json.dumps(list(f.possible_answers)), passage=f.passage) for f in word_facts()]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return p
-
-
-def cfg_for(model_dir, dataset, **kw):
-    base = dict(model=str(model_dir), dataset=str(dataset), items=20, layer=1, rank=4, alpha=8, lr=0.05,
-                trials=3, partners=2, seed=0)
-    return from_flat("examples", **{**base, **kw})
-
 
 QUIET = Console(quiet=True)
 

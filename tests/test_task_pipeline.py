@@ -6,51 +6,15 @@ import sqlite3
 import pytest
 from rich.console import Console
 
-from conftest import random_update, run_cli
-from mergeability.config import from_flat
+from conftest import make_pool, random_update, run_cli, write_rows
+from conftest import task_cfg_for as cfg_for
 from mergeability.pipelines import run_tasks
 from mergeability.store import Store
 
 QUIET = Console(quiet=True)
-TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-
-
-def write_rows(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def make_pool(root, model_dir, n_weak=4, n_strong=0, n=16):
-    """Weak tasks answer a constant token the base model never says (base accuracy 0); strong tasks answer what
-    the base model already says next (base accuracy 1)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mergeability.exact_match import generate
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    for k in range(n_weak + n_strong):
-        prompts = [f"w{k} w{(3 * i + k) % 50} w{(5 * i) % 40 + 50} w99" for i in range(2 * n)]
-        if k < n_weak:
-            outs = [f"w{110 + k}"] * len(prompts)
-        else:
-            outs = generate(model, tok, prompts, max_new_tokens=1)
-        rows = [{"id": f"{k}-{i}", "input": p, "output": [o]} for i, (p, o) in enumerate(zip(prompts, outs))]
-        kind = "weak" if k < n_weak else "strong"
-        write_rows(root / "datasets" / f"task{k + 1:03d}_{kind}" / "train.jsonl", rows[:n])
-        write_rows(root / "datasets" / f"task{k + 1:03d}_{kind}" / "test.jsonl", rows[n:])
-    return root
-
-
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, tiny_model_dir):
     return make_pool(tmp_path_factory.mktemp("pool"), tiny_model_dir, n_weak=5)
-
-
-def cfg_for(model_dir, pool, **kw):
-    base = dict(model=str(model_dir), pool=str(pool), threshold=0.0, sweep=[], rank=4, alpha=8, lr=0.05, epochs=4,
-                batch_size=8, trials=3, partners=2, max_new_tokens=1, seed=0, targets=TARGETS)
-    return from_flat("tasks", **{**base, **kw})
 
 
 def test_task_run_scores_resumes_and_reports(tiny_model_dir, pool, tmp_path):
@@ -183,7 +147,8 @@ def test_temperature_must_be_positive(tiny_model_dir, pool, tmp_path, capsys):
     from mergeability.updates import save_update
 
     for i, p in enumerate((a, b)):
-        save_update(random_update({"model.layers.0.self_attn.q_proj": (32, 32)}, 2, seed=i, base=str(tiny_model_dir)), p)
+        u = random_update({"model.layers.0.self_attn.q_proj": (32, 32)}, 2, seed=i, base=str(tiny_model_dir))
+        save_update(u, p)
     test = pool / "datasets" / "task001_weak" / "test.jsonl"
     code, _, err = run_cli(["merge", a, b, "--out", tmp_path / "m", "--weights", "base-accuracy", "--eval", test,
                             "--eval", test, "--temperature", "0"], capsys)

@@ -39,7 +39,8 @@ def test_local_pool_pairs_adapters_and_reads_parquet(tmp_path):
     root = tmp_path / "pool"
     for name in ("task001_x", "task22_y"):
         write_split(root / "datasets" / name / "test.jsonl", [{"id": "a", "input": "w1 w2", "output": ["w3", "w4"]}])
-    pd.DataFrame([{"id": "p", "input": "w5", "output": ["w6"]}]).to_parquet(root / "datasets" / "task22_y" / "train.parquet")
+    train = pd.DataFrame([{"id": "p", "input": "w5", "output": ["w6"]}])
+    train.to_parquet(root / "datasets" / "task22_y" / "train.parquet")
     save_update(random_update({"model.layers.0.self_attn.q_proj": (32, 32)}, 2, base="tiny"),
                 root / "adapters" / "Mistral-7B-Instruct-v0.2-4b-r16-task022")
     pool = load_local_pool(root)

@@ -79,7 +79,7 @@ def test_merged_dense_update_saves_as_exact_peft_adapter(tiny_model, tmp_path):
 
 def test_norms_from_factors_match_dense():
     u = random_update({"a": (50, 30), "b": (30, 30)}, {"a": 5, "b": 7}, seed=3)
-    for n, m in u.modules.items():
+    for m in u.modules.values():
         d = m.delta()
         assert m.fro_norm() == pytest.approx(torch.linalg.norm(d).item(), rel=1e-10)
         torch.testing.assert_close(m.singular_values(), torch.linalg.svdvals(d)[: m.rank], rtol=1e-10, atol=1e-12)

@@ -5,9 +5,9 @@ fine-tuned and merged accuracy, and the merged adapter written with its provenan
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -93,7 +93,8 @@ def check_merge_request(adapters, out: Path, force: bool, weights, base_accuracy
     if (weights == "base-accuracy" or base_accuracy is not None) and not temperature > 0:
         raise MergeabilityError(f"temperature must be > 0, got {temperature}")
     if eval_files and len(eval_files) != len(adapters):
-        raise MergeabilityError(f"got {len(eval_files)} --eval files for {len(adapters)} adapters: pass one per adapter")
+        raise MergeabilityError(f"got {len(eval_files)} --eval files for {len(adapters)} adapters: "
+                                "pass one per adapter")
 
 
 def merge_weights(n: int, weights: str | None, base_accuracy: str | None, temperature: float,

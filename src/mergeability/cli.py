@@ -101,7 +101,7 @@ def merge(
              f"{m.singular_values()[0].item():.4g}"] for name, m in merged.modules.items()]
     print_table(console, f"{method} merge of {len(updates)} adapters → {out}",
                 ["module", "kind", "rank", "‖ΔW‖_F", "σ_max"], rows)
-    console.print(f"merged in {elapsed * 1000:.1f} ms; weights {['%.3g' % x for x in (w or [1.0] * len(updates))]}")
+    console.print(f"merged in {elapsed * 1000:.1f} ms; weights {[f'{x:.3g}' for x in (w or [1.0] * len(updates))]}")
 
 
 run_app = typer.Typer(help="End-to-end mergeability runs.", no_args_is_help=True)

@@ -15,9 +15,9 @@ Works for Llama-style models (Llama, Qwen2, Mistral: `model.model.{embed_tokens,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 from mergeability.backends import LocalPool
 from mergeability.errors import MergeabilityError

@@ -8,7 +8,7 @@ prompt the model cannot hold is an error, not a silently different question.
 from __future__ import annotations
 
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

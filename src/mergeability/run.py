@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 

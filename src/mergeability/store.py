@@ -11,8 +11,9 @@ import fcntl
 import json
 import os
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mergeability.errors import MergeabilityError
 

@@ -7,9 +7,9 @@ import functools
 import json
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,7 +64,7 @@ class LowRank:
         g = (self.B.T @ self.B) * (self.A @ self.A.T)
         return abs(self.scale) * math.sqrt(max(g.sum().item(), 0.0))
 
-    def to(self, dtype: torch.dtype) -> "LowRank":
+    def to(self, dtype: torch.dtype) -> LowRank:
         return LowRank(self.A.to(dtype), self.B.to(dtype), self.scale)
 
 
@@ -91,7 +91,7 @@ class Dense:
     def fro_norm(self) -> float:
         return torch.linalg.norm(self.weight).item()
 
-    def to(self, dtype: torch.dtype) -> "Dense":
+    def to(self, dtype: torch.dtype) -> Dense:
         return Dense(self.weight.to(dtype))
 
 
@@ -117,7 +117,7 @@ class Update:
         """Largest singular value over the update's modules."""
         return max(m.singular_values()[0].item() for m in self.modules.values())
 
-    def to(self, dtype: torch.dtype) -> "Update":
+    def to(self, dtype: torch.dtype) -> Update:
         return Update({k: m.to(dtype) for k, m in self.modules.items()}, self.base_model, self.meta)
 
 

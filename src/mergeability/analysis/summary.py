@@ -56,5 +56,6 @@ def task_summary_rows(s: dict) -> list[list[str]]:
 
 
 def per_task_rows(s: dict) -> list[list[str]]:
-    return [[r["name"], f"{r['base_acc']:.2f}", f"{r['ft_acc']:.2f}", "—" if r["score"] is None else f"{r['score']:.2f}"]
-            for r in s["per_task"]]
+    def score(r):
+        return "—" if r["score"] is None else f"{r['score']:.2f}"
+    return [[r["name"], f"{r['base_acc']:.2f}", f"{r['ft_acc']:.2f}", score(r)] for r in s["per_task"]]

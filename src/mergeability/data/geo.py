@@ -4,7 +4,7 @@ and `countryinfo`, with population as popularity and a multi-phrasing training p
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 from mergeability import seeding
 from mergeability.data.facts import Fact

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from mergeability.data.suite import TASKS, build_suite
 from mergeability.data.tasks import Task, load_hub_pool, load_local_pool, select_tasks

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mergeability.data.facts import Fact, load_file, load_hub
 from mergeability.data.geo import build_geo

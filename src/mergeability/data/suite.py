@@ -9,7 +9,7 @@ Natural-Instructions format of Lots-of-LoRAs: definition, one positive example, 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mergeability import seeding
 from mergeability.data.geo import tables

@@ -15,9 +15,9 @@ the zero-padding of the numbers differs between them (`â€¦-task1` vs `task001_â€
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from mergeability.data.facts import read_rows
 from mergeability.errors import MergeabilityError

@@ -3,9 +3,9 @@ two kinds of work it adds: more trials under other settings, and merges of chose
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mergeability import run
 from mergeability.backends import pool_for

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from mergeability.errors import MergeabilityError
 from mergeability.merging.knots import Knots

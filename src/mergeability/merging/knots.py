@@ -14,8 +14,9 @@ is the obvious route (materialise every ΔW_i, SVD the out × n·in concatenatio
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor

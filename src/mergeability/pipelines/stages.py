@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from mergeability.atomic import atomic_file
 from mergeability.backends import pool_for

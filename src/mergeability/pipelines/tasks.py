@@ -5,9 +5,9 @@ store does not already hold, so `--resume` continues any of them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from rich.console import Console
