@@ -66,9 +66,9 @@ def baseline(claim: str, b: BaselineTest) -> Verdict:
 
 def all_of(claim: str, measured: str, parts: Sequence[Verdict]) -> Verdict:
     """A claim that holds where each of its parts does: supported if every part is, contradicted if any part
-    is, otherwise inconclusive. The evidence lists the parts'."""
+    is, otherwise inconclusive (so is a claim of no parts). The evidence lists the parts'."""
     verdicts = [v.verdict for v in parts]
-    verdict = ("supported" if all(v == "supported" for v in verdicts)
+    verdict = ("supported" if verdicts and all(v == "supported" for v in verdicts)
                else "contradicted" if "contradicted" in verdicts else "inconclusive")
     return Verdict(claim, measured, "; ".join(v.evidence for v in parts), verdict)
 
