@@ -39,7 +39,8 @@ def test_run_writes_store_scores_and_adapters(tiny_model_dir, dataset, tmp_path)
     row = db.execute("SELECT partners, probs, params FROM trials LIMIT 1").fetchone()
     assert len(json.loads(row[0])) == 2 and abs(sum(json.loads(row[1])) - 1) < 1e-6 and "knots" in row[2]
     lines = (tmp_path / "run" / "scores.csv").read_text().splitlines()
-    assert len(lines) == s["kept"] + 1 and lines[0].startswith("id,score,")
+    assert len(lines) == s["kept"] + 1 and lines[0].startswith("id,score,") and lines[0].endswith(",leak")
+    assert all(line.endswith(",0") for line in lines[1:]) and s["leakage"]["leaking"] == 0  # distinct words
     for p in (tmp_path / "run" / "updates").iterdir():
         assert load_update(p).modules
     prov = Store(tmp_path / "run" / "results.sqlite").get_meta("provenance")
@@ -95,6 +96,7 @@ BAD_RUNS = {
     "layer out of range": (["--layer", "7"], "layer 7 is out of range"),
     "partners > pool": (["--partners", "20"], "larger than the pool"),
     "items 0": (["--items", "0"], "--items must be at least 1"),
+    "per-subject 0": (["--per-subject", "0"], "--per-subject must be at least 1"),
     "unknown method": (["--method", "soup"], "unknown merge method"),
 }
 
@@ -160,6 +162,7 @@ def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_pa
         assert "mergeability experiment" not in by[claim].evidence
     text = html.read_text()
     assert "Score distribution by merge method" in text and "Robustness of scores to M and N" in text
+    assert f"<td>leaking updates</td><td>0 of {s['kept']}</td>" in text  # the run's leakage audit, in the summary
     with pytest.raises(MergeabilityError, match="unknown experiment"):
         run_experiment("nope", run, QUIET)
 

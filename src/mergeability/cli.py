@@ -27,6 +27,7 @@ from mergeability.experiments import get_experiment, run_experiment
 from mergeability.merging import get_method
 from mergeability.pipelines import run_examples, run_tasks
 from mergeability.report.build import build_report
+from mergeability.report.compare import compare_runs
 
 app = typer.Typer(
     help="Measure, explain and exploit how well model updates (LoRA adapters, task vectors) survive merging.",
@@ -48,7 +49,8 @@ Config = Annotated[Optional[Path], typer.Option(help="YAML config file; flags ov
 Method = Annotated[Optional[str], typer.Option(help="Merge method: knots | ties | mean | task_arithmetic.")]
 Trials = Annotated[Optional[int], typer.Option(help="M: trials per update.")]
 Partners = Annotated[Optional[int], typer.Option(help="N: partners merged with the update per trial.")]
-Model = Annotated[Optional[str], typer.Option(help="Hub id, local directory, or smollm2-135m.")]
+Model = Annotated[Optional[str], typer.Option(
+    help="Hub id, local directory, or a built-in model: smollm2-135m (bundled) | gemma3-270m (fetched on first use).")]
 
 
 @app.command()
@@ -118,9 +120,15 @@ def run_popqa_cmd(
     config: Config = None,
     preset: Annotated[Optional[str], typer.Option(help="demo | paper-llama | paper-qwen")] = None,
     model: Model = None,
-    dataset: Annotated[Optional[str], typer.Option(help="geo | popqa | PATH (.tsv/.jsonl/.parquet). [geo]")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="geo | wikidata (BIG-bench's Wikidata facts) | popqa | PATH (.tsv/.jsonl/.parquet). [geo]")] = None,
+    passages: Annotated[Optional[str], typer.Option(
+        help="Training text where the dataset has no passage column: PATH (.jsonl/.parquet/.tsv of subj, passage) "
+             "| wikipedia (each subject's page, fetched and cached). [the dataset's own]")] = None,
     relations: Annotated[Optional[str], typer.Option(help="Comma-separated relations to keep. [all]")] = None,
     items: Annotated[Optional[int], typer.Option(help="Questions screened by the base model. [200]")] = None,
+    per_subject: Annotated[Optional[int], typer.Option(
+        help="At most this many questions per subject, across relations (PopQA asks one). [1]")] = None,
     trials: Trials = None,
     partners: Partners = None,
     method: Method = None,
@@ -141,10 +149,10 @@ def run_popqa_cmd(
     score by merging."""
     if resume and (out / "config.yaml").exists() and config is None:
         config = out / "config.yaml"
-    cfg = override(load_config(config, preset), model=model, dataset=dataset, items=items, trials=trials,
-                   partners=partners, method=method, layer=layer, rank=rank, update=update, device=device, dtype=dtype,
-                   seed=seed, engine=engine, backend=backend, ray_address=ray_address, workers=workers,
-                   relations=_split(relations))
+    cfg = override(load_config(config, preset), model=model, dataset=dataset, passages=passages, items=items,
+                   per_subject=per_subject, trials=trials, partners=partners, method=method, layer=layer, rank=rank,
+                   update=update, device=device, dtype=dtype, seed=seed, engine=engine, backend=backend,
+                   ray_address=ray_address, workers=workers, relations=_split(relations))
     run_examples(cfg, out, resume=resume, console=console)
     console.print(f"wrote {out / 'scores.csv'} and {out / 'results.sqlite'}")
 
@@ -230,6 +238,19 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished (or partly f
     """Write report.html (self-contained) and report.md with figures, tables and the claims table."""
     html_path, claims = build_report(run_dir)
     print_table(console, "claims", ["claim", "measured", "verdict"], [[c.claim, c.measured, c.verdict] for c in claims])
+    console.print(f"wrote {html_path} and {html_path.with_suffix('.md')}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more example-level run directories.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where compare.html and compare.md go.")] = Path(
+        "runs/compare"),
+) -> None:
+    """Runs side by side (paper A.2, Llama vs Qwen): a column per run, score histograms on shared bins, each run's
+    correlations and claims."""
+    html_path, tables = compare_runs(run_dirs, out)
+    print_table(console, tables[0].title, tables[0].columns, tables[0].rows)
     console.print(f"wrote {html_path} and {html_path.with_suffix('.md')}")
 
 

@@ -77,9 +77,13 @@ class BackendConfig(Section):
 
 @dataclass(frozen=True)
 class ExampleData(Section):
-    dataset: str = "geo"  # geo | popqa | path to a .tsv/.jsonl/.parquet file in the PopQA schema
+    dataset: str = "geo"  # geo | wikidata (BIG-bench qa_wikidata) | popqa | a .tsv/.jsonl/.parquet file (PopQA schema)
+    passages: str | None = None  # training text: None = the dataset's own `passage` column | a .jsonl/.parquet/.tsv
+    #                              file of subj → passage | wikipedia (each subject's page, fetched and cached)
     relations: list[str] | None = None  # None = all relations of the dataset
     items: int = 200  # questions screened by the base model
+    per_subject: int = 1  # questions per subject at most, across relations (PopQA asks one): items about one
+    #                       subject share its passage, so they are never merged together either
     n_options: int = 8  # gold + 7 distractors
     k_shot: int = 3  # solved examples in the prompt
     distractors: str = "relation"  # draw distractors from the same relation, or from "any"
@@ -223,10 +227,11 @@ def nest(flat: dict, where: str) -> dict:
 PRESETS: dict[str, dict] = {
     # bundled model and data, sized for a 2-core CPU
     "demo": dict(data=dict(items=120), merge=dict(trials=5, partners=10)),
+    # the paper's models on PopQA, each update trained on its subject's Wikipedia page (network and a GPU)
     "paper-llama": dict(model=dict(name="meta-llama/Llama-3.2-3B", device="cuda", dtype="bfloat16"),
-                        data=dict(dataset="popqa", items=1000), training=dict(layer=14)),
+                        data=dict(dataset="popqa", passages="wikipedia", items=1000), training=dict(layer=14)),
     "paper-qwen": dict(model=dict(name="Qwen/Qwen2.5-3B", device="cuda", dtype="bfloat16"),
-                       data=dict(dataset="popqa", items=1000), training=dict(layer=18)),
+                       data=dict(dataset="popqa", passages="wikipedia", items=1000), training=dict(layer=18)),
 }
 
 TASK_PRESETS: dict[str, dict] = {

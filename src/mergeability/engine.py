@@ -10,7 +10,8 @@ Three ideas, each checked against the plain path (full model, update merged into
 3. Per-row low-rank deltas. Each batch row carries its own update, applied as x·Aᵀ·Bᵀ (bmm) inside a hook,
    so many different merged updates share one forward pass and no base + ΔW is ever formed.
 
-Works for Llama-style models (Llama, Qwen2, Mistral: `model.model.{embed_tokens, layers, norm, rotary_emb}`).
+Works for Llama-style models (Llama, Qwen2, Mistral, Gemma 3: `model.model.{embed_tokens, layers, norm,
+rotary_emb}`; `models.attention_inputs` gives each layer its mask and rotary embeddings).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from mergeability.batching import add_to_outputs, attention_bias, pad_rows
 from mergeability.data.mc import MCItem
 from mergeability.errors import MergeabilityError
-from mergeability.models import decoder_layers, get_module, layer_index
+from mergeability.models import attention_inputs, decoder_layers, get_module, layer_index
 from mergeability.scoring import ItemScore, encode, normalise_scores
 from mergeability.updates import Dense, LowRank, Update
 
@@ -110,6 +111,9 @@ class Engine:
         if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
             raise MergeabilityError(f"the fast engine supports Llama-style models, not {type(model).__name__}: "
                                     "use --engine plain")
+        if getattr(model.config, "final_logit_softcapping", None):  # Gemma 2: the engine calls lm_head directly
+            raise MergeabilityError(f"the fast engine does not soft-cap {type(model).__name__}'s logits: "
+                                    "use --engine plain")
         self.model, self.tokenizer, self.norm, self.batch_rows = model, tokenizer, norm, batch_rows
         self.modules = set(modules)
         self.layers = decoder_layers(model)
@@ -127,21 +131,22 @@ class Engine:
 
     # ------------------------------------------------------------------ the two halves of the model
 
-    def _run(self, h: Tensor, bias: Tensor, pos: Tensor, layers) -> Tensor:
-        pe = self.model.model.rotary_emb(h, position_ids=pos)
-        for layer in layers:
-            out = layer(h, attention_mask=bias, position_ids=pos, position_embeddings=pe)
+    def _run(self, h: Tensor, bias: Tensor, pos: Tensor, layers: range) -> Tensor:
+        inputs = attention_inputs(self.model, h, pos, bias)  # per layer: Gemma 3 mixes sliding and full attention
+        for i in layers:
+            layer_bias, pe = inputs[i]
+            out = self.layers[i](h, attention_mask=layer_bias, position_ids=pos, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out
         return h
 
     def lower(self, ids: Tensor, pos: Tensor, bias: Tensor) -> Tensor:
         """Hidden states entering the first adapted layer (the embeddings when that is layer 0)."""
         h = self.model.model.embed_tokens(ids)
-        return self._run(h, bias, pos, self.layers[: self.first])
+        return self._run(h, bias, pos, range(self.first))
 
     def upper(self, h: Tensor, pos: Tensor, bias: Tensor) -> Tensor:
         """Final normed hidden states from layer `first` on."""
-        return self.model.model.norm(self._run(h, bias, pos, self.layers[self.first :]))
+        return self.model.model.norm(self._run(h, bias, pos, range(self.first, len(self.layers))))
 
     # ------------------------------------------------------------------ scoring
 

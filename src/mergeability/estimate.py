@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mergeability.backends import LocalPool
@@ -18,13 +18,47 @@ from mergeability.merging import get_method
 from mergeability.updates import Update
 
 
-def partners_for(seed: int, target: str, trial: int, pool: Sequence[str], n: int) -> list[str]:
-    """N partners for one trial, sampled without replacement from `pool` minus the target."""
-    others = sorted(p for p in pool if p != target)
+def group_of(groups: Mapping[str, str] | None, update: str) -> tuple[str, ...]:
+    """The group an update belongs to (an example-level run groups items by subject); an update the grouping
+    does not name is a group of its own."""
+    return (update,) if groups is None or update not in groups else ("", groups[update])
+
+
+def partners_for(seed: int, target: str, trial: int, pool: Sequence[str], n: int,
+                 groups: Mapping[str, str] | None = None) -> list[str]:
+    """N partners for one trial, sampled without replacement from `pool` minus every update of the target's
+    group (`groups`: update id -> group; by default each update is its own). Updates about one subject share
+    their training passage, so a partner of the target's subject would teach it its own fact."""
+    own = group_of(groups, target)
+    others = sorted(p for p in pool if p != target and group_of(groups, p) != own)
     if n > len(others):
-        raise MergeabilityError(f"--partners {n} is larger than the pool of {len(others)} other updates")
+        about = "" if groups is None else f" outside {target}'s group"
+        raise MergeabilityError(f"--partners {n} is larger than the pool of {len(others)} other updates{about}: "
+                                "lower --partners or raise --items")
     digest = hashlib.sha256(f"{seed}\x1f{target}\x1f{trial}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big")).sample(others, n)
+
+
+def sample_apart(rng: random.Random, pool: Sequence[str], n: int, groups: Mapping[str, str] | None = None,
+                 avoid: Iterable[str] = ()) -> list[str]:
+    """Up to `n` of `pool` drawn by `rng`, no two of one group and none of the groups of `avoid`: a merge set
+    whose members share no subject. Where the pool's groups are all distinct and `avoid` shares none of them,
+    it is exactly `rng.sample(pool, n)`, so sets drawn before groups existed are drawn again."""
+    taken = {group_of(groups, a) for a in avoid}
+    eligible = [p for p in pool if group_of(groups, p) not in taken]
+    out: list[str] = []
+    for p in rng.sample(eligible, min(n, len(eligible))):
+        if group_of(groups, p) not in taken:
+            out.append(p)
+            taken.add(group_of(groups, p))
+    if len(out) < n:  # a group came twice, or the pool is short: with distinct groups the rest is empty
+        rest = [p for p in eligible if group_of(groups, p) not in taken]
+        rng.shuffle(rest)
+        for p in rest:
+            if len(out) < n and group_of(groups, p) not in taken:
+                out.append(p)
+                taken.add(group_of(groups, p))
+    return out
 
 
 @dataclass(frozen=True)
@@ -34,8 +68,11 @@ class Trial:
     partners: tuple[str, ...]
 
 
-def plan_trials(seed: int, targets: Sequence[str], pool: Sequence[str], trials: int, partners: int) -> list[Trial]:
-    return [Trial(t, m, tuple(partners_for(seed, t, m, pool, partners))) for t in targets for m in range(trials)]
+def plan_trials(seed: int, targets: Sequence[str], pool: Sequence[str], trials: int, partners: int,
+                groups: Mapping[str, str] | None = None) -> list[Trial]:
+    """M trials per target; `groups` (update id -> subject) keeps each target's own group out of its partners."""
+    return [Trial(t, m, tuple(partners_for(seed, t, m, pool, partners, groups))) for t in targets
+            for m in range(trials)]
 
 
 def params_key(method: str, params: Mapping) -> str:

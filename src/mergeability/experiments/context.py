@@ -14,8 +14,8 @@ from mergeability.console import progress
 from mergeability.errors import MergeabilityError
 from mergeability.estimate import merge_set_job, params_key
 from mergeability.pipelines import PIPELINES, worker_setup
+from mergeability.pipelines.examples import subjects
 from mergeability.pipelines.stages import trials_stage
-from mergeability.updates import load_update
 
 REPEATS = 3  # random draws per setting of the merge-set experiments
 
@@ -37,6 +37,11 @@ class Context:
     def evaluator(self):
         return PIPELINES[self.cfg.kind][1](self.prepared())
 
+    def groups(self) -> dict[str, str] | None:
+        """Update id -> subject in an example-level run (merged updates never share one, as in its trials);
+        None in a task-level run, whose tasks share nothing."""
+        return subjects(self.prepared()) if self.cfg.kind == "examples" else None
+
 
 def open_context(run_dir: Path, overrides: dict) -> Context:
     """The run in `run_dir`, its config changed by `overrides` (how it runs, not what)."""
@@ -46,11 +51,10 @@ def open_context(run_dir: Path, overrides: dict) -> Context:
 
 def kept_updates(ctx: Context) -> dict:
     """An example-level run's kept updates of its own items, loaded, by id."""
-    kept = ctx.store.kept_updates()
+    kept = run.load_kept(ctx.store, ctx.run_dir, {it.id for it in ctx.prepared().items})
     if len(kept) <= ctx.cfg.merge.partners:
         raise MergeabilityError(f"{ctx.run_dir} has {len(kept)} kept updates: finish the run first (--resume)")
-    ids = {it.id for it in ctx.prepared().items}
-    return {i: load_update(ctx.run_dir / p) for i, p in kept.items() if i in ids}
+    return kept
 
 
 def main_scores(ctx: Context, updates: dict) -> dict[str, float]:
@@ -63,13 +67,14 @@ def main_scores(ctx: Context, updates: dict) -> dict[str, float]:
 
 def add_trials(ctx: Context, updates: dict, label: str, console, *, method: str, params: dict, trials: int,
                partners: int) -> None:
-    """The run's trials again under another method, parameters, M or N (same seeds, so same partners)."""
+    """The run's trials again under another method, parameters, M or N (same seeds and groups, so same
+    partners)."""
     cfg = ctx.cfg
     key = params_key(method, {**params, "partners": partners})
     with progress(console) as bars:
         trials_stage(cfg, ctx.store, worker_setup(cfg), ctx.evaluator(), updates, sorted(updates), key, bars, label,
                      method=method, params=params, trials=trials, partners=partners, chunk=cfg.batch_rows,
-                     reference=cfg.engine == "plain")
+                     reference=cfg.engine == "plain", groups=ctx.groups())
 
 
 def run_merge_sets(ctx: Context, name: str, units: Sequence[tuple[str, dict]], updates: dict, console,

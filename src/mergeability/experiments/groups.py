@@ -6,15 +6,17 @@ import json
 import random
 from dataclasses import dataclass
 
-from mergeability.experiments.context import REPEATS, Context, kept_updates, main_scores, run_merge_sets
-from mergeability.experiments.locality import by_bin, correct_by_member, member_payload
+from mergeability.estimate import group_of, sample_apart
+from mergeability.experiments.context import REPEATS, Context
+from mergeability.experiments.locality import by_bin, run_member_sets
 
 GROW = (2, 4, 8, 16)  # merged-set sizes of the growth series
 MIX = (0.0, 0.25, 0.5, 0.75, 1.0)  # shares of high-score updates in the mixed sets
 
 
-def units(cfg, sc: dict[str, float]) -> list[tuple[str, dict]]:
-    """(key, spec) per merge: one-bin sets, growing sets per bin, low/high mixes; REPEATS draws each."""
+def units(cfg, sc: dict[str, float], groups: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """(key, spec) per merge: one-bin sets, growing sets per bin, low/high mixes; REPEATS draws each. No two
+    members of a set share a group (`groups`: id -> subject): each is evaluated under the merge."""
     rng = random.Random(f"{cfg.seed}/groups")
     M = cfg.merge.trials
     out = []
@@ -25,19 +27,21 @@ def units(cfg, sc: dict[str, float]) -> list[tuple[str, dict]]:
 
     size = min(10, cfg.merge.partners + 1)
     for k, members in sorted(by_bin(sc, M).items()):
+        apart = len({group_of(groups, i) for i in members})  # the largest set of members with distinct groups
         for rep in range(REPEATS):
-            if len(members) >= 2:
-                add("bin", k / M, rng.sample(members, min(size, len(members))), rep)
+            if apart >= 2:
+                add("bin", k / M, sample_apart(rng, members, size, groups), rep)
             for n in GROW:
-                if n <= len(members):
-                    add(f"grow:{k / M:.2f}", n, rng.sample(members, n), rep)
+                if n <= apart:
+                    add(f"grow:{k / M:.2f}", n, sample_apart(rng, members, n, groups), rep)
     ranked = sorted(sc, key=lambda i: (sc[i], i))
     L = min(size, len(ranked) // 2)
     low, high = ranked[:L], ranked[-L:]
     for frac in MIX:
         for rep in range(REPEATS):
             h = round(frac * L)
-            add("mix", frac, rng.sample(high, h) + rng.sample(low, L - h), rep)
+            top = sample_apart(rng, high, h, groups)
+            add("mix", frac, top + sample_apart(rng, low, L - h, groups, avoid=top), rep)
     return out
 
 
@@ -47,6 +51,4 @@ class Groups:
     kind = "examples"
 
     def run(self, ctx: Context, console) -> None:
-        updates = kept_updates(ctx)
-        run_merge_sets(ctx, self.name, units(ctx.cfg, main_scores(ctx, updates)), updates, console,
-                       member_payload(ctx.cfg), correct_by_member)
+        run_member_sets(ctx, self.name, units, console)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from mergeability.estimate import sample_apart
 from mergeability.experiments.context import REPEATS, Context, kept_updates, main_scores, run_merge_sets
 
 
@@ -18,8 +20,9 @@ def by_bin(sc: dict[str, float], M: int) -> dict[int, list[str]]:
     return out
 
 
-def units(cfg, sc: dict[str, float]) -> list[tuple[str, dict]]:
-    """(key, spec) per merge: up to 10 top-score updates × partner bins × REPEATS draws."""
+def units(cfg, sc: dict[str, float], groups: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """(key, spec) per merge: up to 10 top-score updates × partner bins × REPEATS draws; no two members of a
+    merge share a group (`groups`: id -> subject), since every member is evaluated under it."""
     rng = random.Random(f"{cfg.seed}/locality")
     ranked = sorted(sc, key=lambda i: (-sc[i], i))
     fixed = ranked[: min(10, max(1, len(ranked) // 4))]
@@ -30,7 +33,7 @@ def units(cfg, sc: dict[str, float]) -> list[tuple[str, dict]]:
             continue
         for f in fixed:
             for rep in range(REPEATS):
-                partners = rng.sample(pool, min(cfg.merge.partners, len(pool)))
+                partners = sample_apart(rng, pool, cfg.merge.partners, groups, avoid=[f])
                 spec = {"fixed": f, "bin": k / cfg.merge.trials, "rep": rep, "merge": [f, *partners]}
                 out.append((json.dumps(spec, sort_keys=True), spec))
     return out
@@ -46,12 +49,18 @@ def correct_by_member(payload, outcomes) -> dict:
     return {"correct": {m: int(o.correct) for m, o in zip(payload[2], outcomes)}}
 
 
+def run_member_sets(ctx: Context, name: str, make_units: Callable[[object, dict, dict], list], console) -> None:
+    """The locality and groups experiments' work: merge each set of `make_units(cfg, main scores, groups)` with the
+    run's method and record every member's 0/1 outcome under that merge, by member id."""
+    updates = kept_updates(ctx)
+    run_merge_sets(ctx, name, make_units(ctx.cfg, main_scores(ctx, updates), ctx.groups()), updates, console,
+                   member_payload(ctx.cfg), correct_by_member)
+
+
 @dataclass(frozen=True)
 class Locality:
     name = "locality"
     kind = "examples"
 
     def run(self, ctx: Context, console) -> None:
-        updates = kept_updates(ctx)
-        run_merge_sets(ctx, self.name, units(ctx.cfg, main_scores(ctx, updates)), updates, console,
-                       member_payload(ctx.cfg), correct_by_member)
+        run_member_sets(ctx, self.name, units, console)

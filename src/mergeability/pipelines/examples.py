@@ -16,18 +16,20 @@ from mergeability.backends import check_backend
 from mergeability.config import ExampleConfig
 from mergeability.console import print_table, progress
 from mergeability.data import build_items, load_facts
-from mergeability.data.geo import answer_pool
+from mergeability.data.leakage import Taught, audit
+from mergeability.data.passages import check_passage_source, with_passages
+from mergeability.data.sources import answer_pools
 from mergeability.engine import Engine
 from mergeability.errors import MergeabilityError
 from mergeability.merging import get_method
 from mergeability.models import load_model, module_name, num_layers
-from mergeability.pipelines.stages import Outcome, WorkerSetup, safe_name, trials_stage, write_scores
+from mergeability.pipelines.stages import Outcome, WorkerSetup, finish, safe_name, trials_stage
 from mergeability.scoring import NORMS, PlainScorer
 from mergeability.training import split_passage, train_update, train_updates_cached
-from mergeability.updates import load_update, save_update
+from mergeability.updates import save_update
 
 SCORE_COLUMNS = ["id", "score", "relation", "subj", "obj", "s_pop", "gold_prob", "gold_rank", "gap", "post_gold_prob",
-                 "post_gap", "train_loss", "passage_ppl", "passage_tokens", "fro_norm", "top_sv"]
+                 "post_gap", "train_loss", "passage_ppl", "passage_tokens", "fro_norm", "top_sv", "leak"]
 
 
 @dataclass
@@ -50,6 +52,8 @@ def check_settings(cfg: ExampleConfig) -> None:
     d, m, t = cfg.data, cfg.merge, cfg.training
     if d.items <= 0:
         raise MergeabilityError(f"--items must be at least 1, got {d.items}")
+    if d.per_subject < 1:
+        raise MergeabilityError(f"--per-subject must be at least 1 (1 = one question per subject), got {d.per_subject}")
     if m.trials <= 0 or m.partners < 0:
         raise MergeabilityError("--trials must be ≥ 1 and --partners ≥ 0")
     if m.partners >= d.items:
@@ -61,6 +65,7 @@ def check_settings(cfg: ExampleConfig) -> None:
     if d.norm not in NORMS:
         raise MergeabilityError(f"unknown normalisation {d.norm!r}: use one of {', '.join(NORMS)}")
     get_method(m.method, **m.params)
+    check_passage_source(d.dataset, d.passages)  # before PopQA is downloaded from the hub
     if t.update not in ("lora", "full"):
         raise MergeabilityError(f"unknown update kind {t.update!r}: use lora or full")
     if t.update == "full" and m.method == "knots":
@@ -73,8 +78,10 @@ def prepare_examples(cfg: ExampleConfig) -> Prepared:
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     d = cfg.data
-    facts = load_facts(d.dataset, relations=d.relations, limit=d.items, seed=cfg.seed)
-    pools = {r: answer_pool(r) for r in {f.prop for f in facts}} if d.dataset == "geo" else None
+    facts = load_facts(d.dataset, relations=d.relations, limit=d.items, seed=cfg.seed, per_subject=d.per_subject,
+                       n_options=d.n_options)
+    facts = with_passages(facts, d.passages, d.dataset)  # the sampled facts only: fetch no page the run skips
+    pools = answer_pools(d.dataset, {f.prop for f in facts})
     items = build_items(facts, pools=pools, n_options=d.n_options, k_shot=d.k_shot, distractors=d.distractors,
                         seed=cfg.seed)
     lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
@@ -174,26 +181,44 @@ def train(prep: Prepared, store, out: Path, bars) -> None:
                                   train_loss=stats.loss, passage_ppl=stats.base_ppl,
                                   passage_tokens=stats.input_tokens, post_scores=list(s.scores),
                                   post_gold_prob=s.gold_prob, post_gap=s.gap, fro_norm=upd.fro_norm(),
-                                  top_sv=upd.top_singular_value()))
+                                  top_sv=upd.top_singular_value(), passage=by_id[i].fact.passage))
             bar.advance()
 
 
 def kept_updates(prep: Prepared, store, out: Path) -> dict:
     """The kept updates of this run's items, loaded, by id; a one-line error if too few for N partners."""
-    ids = {it.id for it in prep.items}
-    kept = {i: p for i, p in store.kept_updates().items() if i in ids}
+    kept = run.load_kept(store, out, {it.id for it in prep.items})
     n = prep.cfg.merge.partners
     if len(kept) <= n:
         raise MergeabilityError(f"--partners {n} is larger than the pool: only {len(kept)} updates "
                                 f"were kept; lower --partners or raise --items, then --resume")
-    return {i: load_update(out / p) for i, p in kept.items()}
+    return kept
 
 
-def score_rows(cfg: ExampleConfig, store, pool: list[str]) -> list[dict]:
-    """One row per scored update of `pool`: its score and every feature recorded (SCORE_COLUMNS)."""
+def subjects(prep: Prepared) -> dict[str, str]:
+    """item id -> subject: the groups partners are kept apart by (items about one subject share a passage)."""
+    return {it.id: it.fact.subj for it in prep.items}
+
+
+def leak_audit(prep: Prepared, store, pool: list[str]) -> set[str]:
+    """The updates of `pool` whose fact another update's training text states (`leakage.audit`): subjects and
+    answers from the run's items, the text each update was trained on from the store. Recorded as meta."""
+    by_id = {it.id: it for it in prep.items}
+    stored = store.kept_passages()
+    # a store of schema 1 recorded no passage: the item's own is what that run trained on
+    taught = [Taught(i, f.subj, (f.obj, *f.possible_answers), stored.get(i) or f.passage or "")
+              for i in pool for f in [by_id[i].fact]]
+    leaking = audit(taught)
+    store.set_meta("leakage", {"leaking": len(leaking), "audited": len(taught), "ids": sorted(leaking)})
+    return leaking
+
+
+def score_rows(cfg: ExampleConfig, store, pool: list[str], leaking: set[str] = frozenset()) -> list[dict]:
+    """One row per scored update of `pool`: its score, every feature recorded and whether it leaks (SCORE_COLUMNS)."""
     sc = run.scores(store, run.run_key(cfg), pool, cfg.merge.trials)
-    return [{c: sc[r["id"]] if c == "score" else r[c] for c in SCORE_COLUMNS}
-            for r in store.kept_update_rows() if r["id"] in sc]
+    rows = ({**r, "score": sc[r["id"]], "leak": int(r["id"] in leaking)} for r in store.kept_update_rows()
+            if r["id"] in sc)
+    return [{c: r[c] for c in SCORE_COLUMNS} for r in rows]
 
 
 def run_examples(cfg: ExampleConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
@@ -215,11 +240,9 @@ def run_examples(cfg: ExampleConfig, out: Path, *, resume: bool = False, console
             pool = sorted(updates)
             setup = WorkerSetup(cfg, prepare_examples, example_evaluator)
             trials_stage(cfg, store, setup, example_evaluator(prep), updates, pool, run.run_key(cfg), bars,
-                         "trials", chunk=cfg.batch_rows, reference=cfg.engine == "plain")
+                         "trials", chunk=cfg.batch_rows, reference=cfg.engine == "plain", groups=subjects(prep))
+    leaking = leak_audit(prep, store, pool)  # before the summary, which reports it
     summary = example_summary(cfg, store, pool)
-    write_scores(out / "scores.csv", SCORE_COLUMNS, score_rows(cfg, store, pool))
-    store.set_meta("timings", dict(timings))
-    store.close()
-    summary["timings"] = dict(timings)
+    summary["timings"] = finish(out, store, timings, SCORE_COLUMNS, score_rows(cfg, store, pool, leaking))
     print_table(console, "mergeability run", ["", "value"], example_summary_rows(summary, console=True))
     return summary

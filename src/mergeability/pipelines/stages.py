@@ -43,14 +43,15 @@ class WorkerSetup:
 def trials_stage(cfg, store: Store, setup: WorkerSetup, evaluate, updates: Mapping, targets: Sequence[str],
                  key: str, bars, label: str, *, method: str | None = None, params: Mapping | None = None,
                  trials: int | None = None, partners: int | None = None, chunk: int = 1,
-                 reference: bool = False) -> None:
+                 reference: bool = False, groups: Mapping[str, str] | None = None) -> None:
     """M trials per target, each merging it with N partners drawn from `targets`, recorded under `key`; the
-    method, its parameters, M and N default to the run's own. Resumes: recorded trials are skipped."""
+    method, its parameters, M and N default to the run's own. `groups` (id -> subject): partners never share
+    the target's group. Resumes: recorded trials are skipped."""
     m = cfg.merge
     method = m.method if method is None else method
     params = m.params if params is None else params
     plan = plan_trials(cfg.seed, targets, targets, m.trials if trials is None else trials,
-                       m.partners if partners is None else partners)
+                       m.partners if partners is None else partners, groups)
     done = store.done_trials(method, key)
     bar = bars.stage(label, len(plan), sum((p.target, p.trial) in done for p in plan))
 
@@ -67,6 +68,14 @@ def trials_stage(cfg, store: Store, setup: WorkerSetup, evaluate, updates: Mappi
 def safe_name(update_id: str) -> str:
     """A directory name for an update or task id (item ids hold '/')."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", update_id)
+
+
+def finish(out: Path, store: Store, timings: Mapping, columns: Sequence[str], rows: Sequence[Mapping]) -> dict:
+    """A run's last step: scores.csv written, the stage timings recorded, the store closed. Returns the timings."""
+    write_scores(out / "scores.csv", columns, rows)
+    store.set_meta("timings", dict(timings))
+    store.close()
+    return dict(timings)
 
 
 def write_scores(path: Path, columns: Sequence[str], rows: Sequence[Mapping]) -> None:

@@ -22,7 +22,7 @@ from mergeability.errors import MergeabilityError
 from mergeability.exact_match import evaluate_task
 from mergeability.merging import get_method
 from mergeability.models import get_module, load_model, module_name, num_layers
-from mergeability.pipelines.stages import Outcome, WorkerSetup, safe_name, trials_stage, write_scores
+from mergeability.pipelines.stages import Outcome, WorkerSetup, finish, safe_name, trials_stage
 from mergeability.training import answer_perplexity, train_task_update
 from mergeability.updates import load_update, save_update
 
@@ -211,10 +211,7 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
             pool_trials(prep, store, out, pools, bars)
     pool = list(pools[cfg.data.threshold])
     summary = task_summary(cfg, store, pool)
-    write_scores(out / "scores.csv", SCORE_COLUMNS, score_rows(cfg, store, pool))
-    store.set_meta("timings", dict(timings))
-    store.close()
-    summary["timings"] = dict(timings)
+    summary["timings"] = finish(out, store, timings, SCORE_COLUMNS, score_rows(cfg, store, pool))
     title = (f"task-level run: {summary['kept']} of {summary['tasks']} tasks reach fine-tuned accuracy "
              f"≥ {cfg.data.threshold:g}")
     print_table(console, title, ["task", "base acc", "fine-tuned acc", "mergeability score"], per_task_rows(summary))

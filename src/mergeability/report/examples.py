@@ -64,5 +64,6 @@ def build_example_report(run_dir: Path, cfg, store):
     summary = example_summary_rows(example_summary(cfg, store, list(sc)))
     provenance = store.get_meta("provenance") or {}
     settings = [["method", cfg.merge.method], ["method parameters", str(cfg.merge.params)], ["M (trials)", str(M)],
-                ["N (partners)", str(N)], ["dataset", cfg.data.dataset]]
+                ["N (partners)", str(N)], ["dataset", cfg.data.dataset],
+                ["questions per subject", str(cfg.data.per_subject)]]
     return write_report(run_dir, provenance, settings, summary, out, claims), claims
