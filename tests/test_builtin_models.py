@@ -16,6 +16,7 @@ from rich.console import Console
 
 from conftest import cfg_for, random_update, save_tiny, word_facts
 from mergeability import MergeabilityError, builtin_models, fetch
+from mergeability.batching import attention_bias
 from mergeability.builtin_models import BUILTIN, BuiltinModel, InstalledWheel, SplitWheels
 from mergeability.data import build_items
 from mergeability.engine import Engine
@@ -74,6 +75,20 @@ def test_sliding_layers_get_a_windowed_mask(gemma_dir):
     (sliding, pe_s), (full, pe_f) = attention_inputs(lm.model, torch.zeros(1, 10, 32), pos, bias)
     assert torch.equal(full, bias) and not torch.equal(pe_s[0], pe_f[0])  # each kind has its own rotary base
     assert sliding[0, 0, 9, 6] == 0 and sliding[0, 0, 9, 5] < -1e30 and sliding[0, 0, 9, 9] == 0  # 4 back: hidden
+
+
+def test_unpadded_batches_get_a_causal_windowed_mask(gemma_dir):
+    """Training passes bias None when no row is padded (fused causal attention); sliding layers still need the
+    window once a sequence is longer than it."""
+    lm = load_model(str(gemma_dir))
+    h = torch.zeros(1, 10, 32)
+    (sliding, _), (full, _) = attention_inputs(lm.model, h, torch.arange(10)[None], None)
+    assert full is None
+    expected = attention_inputs(lm.model, h, torch.arange(10)[None], attention_bias([torch.full((10,), -1)], 10,
+                                                                                    torch.float32))[0][0]
+    assert torch.equal(sliding, expected)  # causal, and 4 back hidden
+    (short, _), _ = attention_inputs(lm.model, h[:, :3], torch.arange(3)[None], None)
+    assert short is None  # within the window: nothing to hide, the fused kernel stays
 
 
 def test_engine_matches_plain_path_on_gemma3(gemma_dir):

@@ -227,7 +227,7 @@ def nest(flat: dict, where: str) -> dict:
 PRESETS: dict[str, dict] = {
     # bundled model and data, sized for a 2-core CPU
     # 90 items: the prose passages of the leak-free geo data are twice as long as the old question-and-answer
-    # ones, and training is most of a run; 90 keeps `make demo` under 7 minutes on 2 cores (6:30 measured)
+    # ones, and training is most of a run; 90 keeps `make demo` under 7 minutes on 2 cores (5:52 measured)
     "demo": dict(data=dict(items=90), merge=dict(trials=5, partners=10)),
     # the paper's models on PopQA, each update trained on its subject's Wikipedia page (network and a GPU)
     "paper-llama": dict(model=dict(name="meta-llama/Llama-3.2-3B", device="cuda", dtype="bfloat16"),

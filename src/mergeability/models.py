@@ -146,11 +146,12 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def attention_inputs(model: nn.Module, h: Tensor, pos: Tensor, bias: Tensor) -> list[tuple[Tensor, tuple]]:
+def attention_inputs(model: nn.Module, h: Tensor, pos: Tensor, bias: Tensor | None) -> list[tuple[Tensor, tuple]]:
     """(additive attention bias, rotary position embeddings) for each decoder layer, to run the layers one by one
     as the fast engine does. Llama-style models use one of each everywhere. Gemma 3 alternates sliding-window and
     full-attention layers (`config.layer_types`), each kind with its own rotary base, and a sliding layer sees
-    only keys fewer than `sliding_window` positions back."""
+    only keys fewer than `sliding_window` positions back. `bias` None means plain causal attention (no row padded):
+    it stays None for full layers, and for sliding ones too unless some key lies a window or more back."""
     rotary = model.model.rotary_emb
     kinds = getattr(model.config, "layer_types", None)
     if not kinds or "layer_type" not in inspect.signature(rotary.forward).parameters:
@@ -160,5 +161,10 @@ def attention_inputs(model: nn.Module, h: Tensor, pos: Tensor, bias: Tensor) -> 
     # Distance in positions, not in packed indices: packed options restart their positions after the prompt, and
     # a query reaches only its own option and the prompt, so the position gap is the gap in the unpacked text.
     far = (pos[:, :, None] - pos[:, None, :] >= window)[:, None] if window else None
-    sliding = bias if far is None else bias.masked_fill(far, torch.finfo(bias.dtype).min)
+    if far is None or not bool(far.any()):
+        sliding = bias
+    else:
+        low = torch.finfo(h.dtype).min
+        causal = torch.full(far.shape[-2:], low, dtype=h.dtype, device=h.device).triu(1)[None, None]
+        sliding = (causal if bias is None else bias).masked_fill(far, low)
     return [(sliding if kind == "sliding_attention" else bias, pe[kind]) for kind in kinds]
