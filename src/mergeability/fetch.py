@@ -16,7 +16,7 @@ import requests
 from rich.console import Console
 
 from mergeability.console import progress
-from mergeability.errors import MergeabilityError
+from mergeability.errors import MergeabilityError, one_line
 
 INDEX = os.environ.get("MERGEABILITY_INDEX", "https://pypi.org/simple")  # a PEP 691 JSON simple index
 CHUNK = 1 << 20  # bytes read per step of a download
@@ -48,7 +48,7 @@ def registry_file(package: str, filename: str) -> RemoteFile:
         r.raise_for_status()
         files = r.json()["files"]
     except (requests.RequestException, ValueError, KeyError) as e:
-        raise MergeabilityError(f"cannot read the package index for {package} ({url}): {_one_line(e)}; "
+        raise MergeabilityError(f"cannot read the package index for {package} ({url}): {one_line(e)}; "
                                 "check the network, or set MERGEABILITY_INDEX to a reachable index") from None
     for f in files:
         if f["filename"] == filename:
@@ -94,7 +94,7 @@ def _fetch(remote: RemoteFile, part: Path, console: Console) -> None:
             total = remote.size or (have + int(r.headers.get("Content-Length", 0)))
             _stream(r, part, have, total, remote.filename, console)
     except requests.RequestException as e:
-        raise MergeabilityError(f"downloading {remote.filename} failed: {_one_line(e)}; run the command again "
+        raise MergeabilityError(f"downloading {remote.filename} failed: {one_line(e)}; run the command again "
                                 f"to resume ({part} keeps what arrived)") from None
 
 
@@ -109,8 +109,3 @@ def _stream(response, part: Path, have: int, total: int, name: str, console: Con
             if round(got / MIB) > shown:
                 bar.advance(round(got / MIB) - shown)
                 shown = round(got / MIB)
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

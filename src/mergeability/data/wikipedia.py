@@ -27,7 +27,7 @@ from rich.console import Console
 
 from mergeability.atomic import write_text
 from mergeability.console import progress
-from mergeability.errors import MergeabilityError
+from mergeability.errors import MergeabilityError, one_line
 from mergeability.fetch import cache_dir
 from mergeability.version import __version__
 
@@ -209,7 +209,7 @@ def api_get(session: requests.Session, params: dict, retries: int, backoff: floa
         try:
             r = session.get(API, params=params, timeout=TIMEOUT)
         except (requests.ConnectionError, requests.Timeout) as e:
-            problem = _one_line(e)
+            problem = one_line(e)
         else:
             if r.status_code == 429 or r.status_code >= 500:
                 problem, wait = f"HTTP {r.status_code}", _retry_after(r, wait)
@@ -248,8 +248,3 @@ def _retry_after(r: requests.Response, default: float) -> float:
         return min(MAX_WAIT, max(default, float(r.headers.get("Retry-After", default))))
     except ValueError:  # an HTTP date instead of seconds: our own backoff will do
         return default
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
