@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from mergeability.analysis.claims import directional, no_correlation
+from mergeability.analysis.claims import Directional, NoEffect, decide, pooled_only
 from mergeability.analysis.stats import binomial_baseline, bootstrap_ci, per_bin, spearman
 from mergeability.config import from_flat, save_config
 from mergeability.estimate import params_key
@@ -61,11 +61,12 @@ def test_noise_feature_is_inconclusive_and_correlated_one_is_strong():
     rng = np.random.default_rng(1)
     score = rng.integers(0, M + 1, 100) / M
     strong = spearman(score + 0.05 * rng.random(100), score)
-    assert strong.rho > 0.8 and directional("x", strong, +1).verdict == "supported"
-    assert directional("x", strong, -1).verdict == "contradicted"
+    s = pooled_only("x", strong)
+    assert strong.rho > 0.8 and decide([Directional("x", s, +1)])[0].verdict == "supported"
+    assert decide([Directional("x", s, -1)])[0].verdict == "contradicted"
     noise = spearman(rng.random(100), score)
-    assert directional("x", noise, +1).verdict == "inconclusive"
-    assert no_correlation("x", [strong]).verdict == "contradicted"
+    assert decide([Directional("x", pooled_only("x", noise), +1)])[0].verdict == "inconclusive"
+    assert decide([NoEffect("x", (s,))])[0].verdict == "contradicted"
 
 
 def test_baseline_rejects_overdispersion_not_binomial():
@@ -140,7 +141,8 @@ def test_report_html_is_self_contained(tmp_path):
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1])
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    for col in ("claim (paper)", "measured", "CI / p-value", "verdict", "ρ", "95% CI", "observed", "expected"):
+    for col in ("claim (paper)", "measured", "CI / p-value", "verdict", "ρ pooled", "ρ within relation",
+                "95% CI (within)", "observed", "expected"):
         assert col in p.headers
     # the claims table renders each claim's own verdict: the synthetic data fix two of them
     [rows] = [rows for cols, rows in p.tables if cols == ["claim (paper)", "measured", "CI / p-value", "verdict"]]

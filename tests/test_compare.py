@@ -58,7 +58,7 @@ def test_compare_writes_both_runs_side_by_side(two_runs, tmp_path, capsys):
         assert sum(counts) == len(s) and counts[4] == sum(x >= 0.8 for x in s)
     corr, claims = tables[2], tables[3]
     assert len(corr.rows) == 10 and all(r[1].count("p = ") == 1 for r in corr.rows)
-    assert len(claims.rows) == 9 and claims.rows[0][0].startswith("Mergeability differs from the binomial baseline")
+    assert len(claims.rows) == 16 and claims.rows[0][0].startswith("Mergeability differs from the binomial baseline")
     assert all(c.split(":")[0] in ("supported", "contradicted", "inconclusive") for r in claims.rows for c in r[1:])
 
 

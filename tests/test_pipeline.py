@@ -184,10 +184,11 @@ def test_locality_and_groups_experiments(tiny_model_dir, dataset, tmp_path, monk
     store = Store(run / "results.sqlite")
     sc = example_scores(cfg, store)
     assert len(store.experiment_rows("groups")) == len(groups.units(cfg, sc))
-    assert len(store.experiment_rows("locality")) == len(locality.units(cfg, sc))
+    subjects = {r["id"]: r["subj"] for r in store.kept_update_rows()}
+    assert len(store.experiment_rows("locality")) == len(locality.units(cfg, sc, subjects)) > 0
     html, claims = build_report(run)
     text = html.read_text()
-    assert "Locality: high-score updates" in text and "mixing lowest- and highest-score" in text
+    assert "Locality: fixed sets of top-score updates" in text and "mixing lowest- and highest-score" in text
     local = next(c for c in claims if c.claim.startswith("Mergeability is local"))
     assert "mergeability experiment" not in local.evidence
 
@@ -237,3 +238,22 @@ def test_plain_engine_run_matches_the_fast_one(tiny_model_dir, dataset, tmp_path
     for k in a:
         assert a[k][:2] == b[k][:2]
         assert max(abs(x - y) for x, y in zip(a[k][2], b[k][2])) < 1e-3, k
+
+
+def test_study_runs_every_experiment_its_claims_need(tiny_model_dir, dataset, tmp_path):
+    from mergeability.analysis.claims import EXPERIMENT_CLAIMS
+    from mergeability.experiments.robustness import Robustness
+    from mergeability.experiments.study import run_study, study_experiments
+    from mergeability.report.build import build_report
+
+    assert study_experiments(cfg_for(tiny_model_dir, dataset, partners=10), kept=200)[1] == Robustness((5, 25))
+    assert study_experiments(cfg_for(tiny_model_dir, dataset, partners=10), kept=20)[1] == Robustness((5,))
+    run = tmp_path / "run"
+    run_study(cfg_for(tiny_model_dir, dataset), run, resume=False, console=QUIET)
+    _, claims = build_report(run)
+    by_text = {c.claim: c for c in claims}
+    for key, (text, _) in EXPERIMENT_CLAIMS.items():  # every experiment claim was decided from rows
+        assert "mergeability experiment" not in by_text[text].evidence, (key, by_text[text])
+    store = Store(run / "results.sqlite")
+    assert len(store.trial_keys()) == 4  # the run's own, N/2, TIES, mean
+    store.close()

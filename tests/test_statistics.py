@@ -1,6 +1,7 @@
-"""Known-answer tests of the follow-up experiments' statistics (analysis/experiments.py) and of `all_of`: for each,
-data whose structure must decide "supported", the opposite structure "contradicted", and noisy or too-small data
-"inconclusive"; p-values are checked against SciPy (or the closed form) computed here, independently."""
+"""Known-answer tests of the follow-up experiments' statistics (analysis/experiments.py): the sign test and the
+task-level retention. For each, data whose structure must decide "supported", the opposite structure
+"contradicted", and noisy or too-small data "inconclusive"; p-values are checked against SciPy (or the closed
+form) computed here, independently."""
 
 import json
 import math
@@ -9,12 +10,12 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from mergeability.analysis.claims import ALPHA, Verdict, all_of, directional
-from mergeability.analysis.experiments import locality_test, retention_changes, sign_test
-from mergeability.analysis.stats import bootstrap_ci, spearman
-from mergeability.config import from_flat
-from mergeability.experiments import locality, weighted
-from mergeability.report.experiments import locality_section, weaker_methods_claim
+from mergeability.analysis.claims import decide
+from mergeability.analysis.experiments import retention_changes, sign_test
+from mergeability.analysis.inference import cluster_bootstrap_ci
+from mergeability.analysis.stats import bootstrap_ci
+from mergeability.experiments import weighted
+from mergeability.report.experiments import weaker_methods_claim
 from mergeability.report.weighted import weighted_section
 from mergeability.store import Store
 
@@ -48,7 +49,7 @@ def test_sign_test_counts_p_and_verdict(more, fewer, verdict):
         # and the exact two-sided binomial tail, by hand
         k, n = min(more, fewer), more + fewer
         assert t.p == pytest.approx(min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2**n), rel=1e-12)
-    v = weaker_methods_claim("knots", own, mean)
+    (v,) = decide([weaker_methods_claim("knots", own, mean)])
     assert v.verdict == verdict
     assert f"{more + fewer} discordant" in v.evidence
 
@@ -58,88 +59,6 @@ def test_sign_test_known_p_and_symmetry():
     assert sign_test(a, b).p == pytest.approx(2 * 0.5**20, rel=1e-12)
     flipped = sign_test(b, a)  # swapping A and B swaps more and fewer, never the p-value
     assert (flipped.more, flipped.fewer) == (0, 20) and flipped.p == sign_test(a, b).p
-
-
-# ------------------------------------------------------------------ locality_test (§5.1, Fig. 5)
-
-LOCAL_CFG = dict(trials=3, partners=2, seed=0)
-
-
-def locality_run(tmp_path, n: int, correct_of_bin: dict[float, int], period: int):
-    """A real store holding every unit of the locality experiment over `n` updates with scores (i mod 4)/3.
-    The fixed update is correct in the j-th unit of a partner bin iff j mod `period` < correct_of_bin[bin]; the
-    partners are always correct. Returns (cfg, store, main scores, the fixed outcomes per bin written)."""
-    cfg = from_flat("examples", **LOCAL_CFG)
-    main = {f"u{i:02d}": (i % 4) / 3 for i in range(n)}
-    store = Store(tmp_path / "results.sqlite")
-    fixed: dict[float, list[int]] = {}
-    for key, spec in locality.units(cfg, main):
-        outcomes = fixed.setdefault(spec["bin"], [])
-        correct = {m: 1 for m in spec["merge"]}
-        correct[spec["fixed"]] = int(len(outcomes) % period < correct_of_bin[spec["bin"]])
-        outcomes.append(correct[spec["fixed"]])
-        store.add_experiment("locality", key, {"correct": correct})
-    assert set(fixed) == set(correct_of_bin)  # every bin the case names is one the experiment merges with
-    return cfg, store, main, fixed
-
-
-def pearson_chi2_p(fixed: dict[float, list[int]]) -> float:
-    """χ² test of independence of (correct, wrong) and bin, by hand (no continuity correction: > 2 bins)."""
-    obs = np.array([[sum(v), len(v) - sum(v)] for _, v in sorted(fixed.items())], dtype=float)
-    exp = obs.sum(1, keepdims=True) * obs.sum(0, keepdims=True) / obs.sum()
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    return float(st.chi2.sf(stat, (obs.shape[0] - 1) * (obs.shape[1] - 1)))
-
-
-BINS = (0.0, 1 / 3, 2 / 3)  # 40 updates: the top 10 (all of bin 1.0) are fixed, partners come from the others
-
-
-@pytest.mark.parametrize("name, n, correct, period, verdict", [
-    # 30 merges per bin; the fixed set's accuracy is 0.9 whatever its partners: local
-    ("flat", 40, dict.fromkeys(BINS, 9), 10, "supported"),
-    # 0.1, 0.5, 0.9 as the partners' score rises: the fixed set depends on its partners
-    ("rising", 40, dict(zip(BINS, (1, 5, 9))), 10, "contradicted"),
-    # the opposite slope is just as non-local
-    ("falling", 40, dict(zip(BINS, (9, 5, 1))), 10, "contradicted"),
-    # 8 updates: 6 merges per bin, accuracies 0.5, 0.83, 0.83: a spread of 0.33 that so few merges cannot test
-    ("too small", 8, dict(zip(BINS, (3, 5, 5))), 6, "inconclusive"),
-])
-def test_locality_test_p_spread_and_verdict(tmp_path, name, n, correct, period, verdict):
-    cfg, store, main, fixed = locality_run(tmp_path, n, correct, period)
-    t = locality_test(fixed)
-    acc = [np.mean(fixed[b]) for b in sorted(fixed)]
-    assert t.spread == pytest.approx(max(acc) - min(acc), abs=1e-12)
-    assert t.spread == pytest.approx((max(correct.values()) - min(correct.values())) / period, abs=1e-12)
-    if len({sum(v) / len(v) for v in fixed.values()}) == 1:
-        assert t.p == pytest.approx(1.0)  # identical rows: no dependence at all
-    else:
-        assert t.p == pytest.approx(pearson_chi2_p(fixed), rel=1e-9)
-        table = [[sum(v), len(v) - sum(v)] for _, v in sorted(fixed.items())]
-        assert t.p == pytest.approx(st.chi2_contingency(table)[1], rel=1e-9)
-    if verdict == "inconclusive":
-        assert t.p >= ALPHA and t.spread >= 0.25  # the data's own shape: a spread, but not significant
-    got = locality_section(cfg, store, main, tmp_path).claims["locality"]
-    assert got.verdict == verdict, (name, t)
-    assert f"p = {t.p:.2g}" in got.evidence
-
-
-def test_locality_test_untestable_is_p_one():
-    assert locality_test({0.0: [1, 1, 1], 0.5: [1, 1], 1.0: [1]}).p == 1.0  # nobody wrong: nothing to test
-    assert locality_test({0.0: [0, 0], 1.0: [0, 0, 0]}).p == 1.0  # nobody right
-    single = locality_test({0.5: [1, 0, 1, 0]})  # one bin: no dependence to test
-    assert single.p == 1.0 and single.spread == 0.0
-
-
-def test_locality_two_bins_match_scipy_with_yates():
-    fixed = {0.0: [1] * 4 + [0] * 16, 1.0: [1] * 15 + [0] * 5}
-    t = locality_test(fixed)
-    # 2 × 2: chi2_contingency applies Yates' correction by default; by hand: |ad − bc| shrunk by n/2
-    a, b, c, d = 4, 16, 15, 5
-    n = a + b + c + d
-    stat = n * max(0.0, abs(a * d - b * c) - n / 2) ** 2 / ((a + b) * (c + d) * (a + c) * (b + d))
-    assert t.p == pytest.approx(st.chi2.sf(stat, 1), rel=1e-9)
-    assert t.p == pytest.approx(st.chi2_contingency([[a, b], [c, d]])[1], rel=1e-9)
-    assert t.p < ALPHA and t.spread == pytest.approx(0.55)
 
 
 # ------------------------------------------------------------------ retention_changes (§6, Fig. 7)
@@ -190,8 +109,9 @@ def test_retention_changes_and_verdict(tmp_path, name, weak, strong, verdict):
     main = next(r for r in changes if r.method == "mean" and r.T == SPEC.temperature)
     v = weighted_section(store, tmp_path).claims["weighted"]
     assert v.verdict == verdict, (name, v)
-    cw = bootstrap_ci(main.weak)
-    assert f"weak [{cw[0]:+.3f}, {cw[1]:+.3f}]" in v.evidence
+    assert len(main.weak_tasks) == len(main.weak) and set(main.weak_tasks) <= set(tasks)
+    cw = cluster_bootstrap_ci(main.weak, main.weak_tasks)  # tasks recur across sets: clustered by task
+    assert f"clustered by task: weak [{cw[0]:+.3f}, {cw[1]:+.3f}]" in v.evidence
 
 
 def test_retention_bootstrap_ci_agrees_with_scipy(tmp_path):
@@ -212,49 +132,3 @@ def test_retention_skips_sets_without_a_plain_merge():
     rows[key(None)] = {"acc": {"t0": 0.1, "t7": 0.9}}
     (r,) = retention_changes(rows, TASKS)
     assert r.weak == pytest.approx([(0.5 - 0.1) / 0.8]) and r.strong == pytest.approx([0.0])
-
-
-# ------------------------------------------------------------------ all_of (a claim made of parts)
-
-
-def verdict(v: str, evidence: str = "") -> Verdict:
-    return Verdict("part", "m", evidence or f"{v} evidence", v)
-
-
-@pytest.mark.parametrize("parts, expected", [
-    (["supported", "supported", "supported"], "supported"),
-    (["supported"], "supported"),
-    (["contradicted", "contradicted"], "contradicted"),
-    (["supported", "contradicted"], "contradicted"),  # one part failing contradicts the whole
-    (["inconclusive", "contradicted"], "contradicted"),
-    (["supported", "inconclusive"], "inconclusive"),  # not every part shown
-    (["inconclusive", "inconclusive"], "inconclusive"),
-    ([], "inconclusive"),  # no parts: nothing shown
-])
-def test_all_of_truth_table(parts, expected):
-    v = all_of("claim", "measured", [verdict(p, f"e{i}") for i, p in enumerate(parts)])
-    assert v.verdict == expected
-    assert (v.claim, v.measured) == ("claim", "measured")
-    assert v.evidence == "; ".join(f"e{i}" for i in range(len(parts)))
-
-
-@pytest.mark.parametrize("ys, expected", [
-    (("rising", "rising"), "supported"),  # both comparisons agree strongly
-    (("rising", "falling"), "contradicted"),  # one is reversed
-    (("rising", "noise"), "inconclusive"),  # one shows nothing
-    (("tiny", "tiny"), "inconclusive"),  # four points: too few for p < 0.05
-])
-def test_all_of_over_real_correlations(ys, expected):
-    rng = np.random.default_rng(3)
-    x = np.arange(40, dtype=float)
-    make = {"rising": lambda: x + rng.normal(0, 4, 40), "falling": lambda: -x + rng.normal(0, 4, 40),
-            "noise": lambda: rng.normal(0, 1, 40), "tiny": lambda: np.array([1.0, 3.0, 2.0, 4.0])}
-    parts = []
-    for i, kind in enumerate(ys):
-        y = make[kind]()
-        xs = x[: len(y)]
-        c = spearman(xs, y, seed=i)
-        rho, p = st.spearmanr(xs, y)
-        assert (c.rho, c.p) == pytest.approx((rho, p), rel=1e-12)
-        parts.append(directional(f"part {i}", c, +1))
-    assert all_of("agree", "ρ", parts).verdict == expected

@@ -24,6 +24,7 @@ from mergeability.config import load_config, override
 from mergeability.console import print_table
 from mergeability.errors import MergeabilityError
 from mergeability.experiments import get_experiment, run_experiment
+from mergeability.experiments.study import run_study
 from mergeability.merging import get_method
 from mergeability.pipelines import run_examples, run_tasks
 from mergeability.report.build import build_report
@@ -118,7 +119,8 @@ def _split(text: str | None) -> list[str] | None:
 def run_popqa_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/popqa"),
     config: Config = None,
-    preset: Annotated[Optional[str], typer.Option(help="demo | paper-llama | paper-qwen")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="demo | study (then the experiments its claims need, and the report) | paper-llama | paper-qwen")] = None,
     model: Model = None,
     dataset: Annotated[Optional[str], typer.Option(
         help="geo | wikidata (BIG-bench's Wikidata facts) | popqa | PATH (.tsv/.jsonl/.parquet). [geo]")] = None,
@@ -153,6 +155,11 @@ def run_popqa_cmd(
                    per_subject=per_subject, trials=trials, partners=partners, method=method, layer=layer, rank=rank,
                    update=update, device=device, dtype=dtype, seed=seed, engine=engine, backend=backend,
                    ray_address=ray_address, workers=workers, relations=_split(relations))
+    if preset == "study":
+        run_study(cfg, out, resume=resume, console=console)
+        html_path, _ = build_report(out)
+        console.print(f"wrote {out / 'scores.csv'}, {out / 'results.sqlite'} and the report {html_path}")
+        return
     run_examples(cfg, out, resume=resume, console=console)
     console.print(f"wrote {out / 'scores.csv'} and {out / 'results.sqlite'}")
 
@@ -207,8 +214,8 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="algorithms | robustness | locality | groups (example level); "
-                                             "weighted (task level)")],
+    name: Annotated[str, typer.Argument(help="algorithms | robustness | locality | groups | knots-settings "
+                                             "(example level); weighted (task level)")],
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     sets: Annotated[int, typer.Option(help="weighted: random task sets.")] = 8,
     low: Annotated[int, typer.Option(help="weighted: tasks per set from the weaker half by base accuracy.")] = 2,

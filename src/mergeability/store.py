@@ -177,6 +177,10 @@ class Store:
         q = "SELECT target, trial FROM trials WHERE method = ? AND params = ?"
         return {(r[0], r[1]) for r in self.db.execute(q, (method, params))}
 
+    def trial_keys(self) -> list[str]:
+        """Every distinct trial key (method, parameters and N) the store holds trials under."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT params FROM trials ORDER BY params")]
+
     def trial_means(self, params: str, first: int, trials: int) -> dict[str, tuple[float, int]]:
         """target -> (mean `correct`, number of trials) over trials first … first + trials − 1 under `params`."""
         q = ("SELECT target, AVG(correct), COUNT(*) FROM trials WHERE params = ? AND trial >= ? AND trial < ? "

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats as st
 
+from mergeability.analysis.inference import Trend, clustered_slope, cochran_q
+
 
 @dataclass(frozen=True)
 class SignTest:
@@ -27,19 +29,49 @@ def sign_test(a: Sequence[bool], b: Sequence[bool]) -> SignTest:
 
 
 @dataclass(frozen=True)
-class LocalityTest:
-    p: float  # χ² test of independence of the fixed set's correctness and the partners' bin (1.0 if untestable)
-    spread: float  # max − min of the fixed set's accuracy across bins
+class LocalityStats:
+    """§5.1 in numbers: per partner bin the fixed set's and the partners' accuracy; the repeated-measures test."""
+
+    bins: list[float]
+    merges: list[int]  # merges per bin
+    fixed_acc: list[float]
+    partner_acc: list[float]
+    q: float  # Cochran's Q over blocks (fixed update, repeat) × bins (bins every block has)
+    q_p: float
+    trend: Trend  # slope of the fixed updates' outcomes on the partners' bin, clustered by fixed update
+    spread: float  # max − min of fixed_acc
+    partner_mean: dict[str, float]  # each partner update's mean outcome over the merges it was a partner in
 
 
-def locality_test(fixed_outcomes: Mapping[float, Sequence[int]]) -> LocalityTest:
-    """Partner bin -> the fixed updates' 0/1 outcomes under merges with partners of that bin."""
-    xs = sorted(fixed_outcomes)
-    acc = [float(np.mean(fixed_outcomes[x])) for x in xs]
-    table = [[sum(fixed_outcomes[x]), len(fixed_outcomes[x]) - sum(fixed_outcomes[x])] for x in xs]
-    testable = len(xs) > 1 and bool(np.all(np.array(table).sum(0) > 0))
-    p = float(st.chi2_contingency(table)[1]) if testable else 1.0
-    return LocalityTest(p, max(acc) - min(acc))
+def locality_stats(done: Sequence[tuple[dict, dict]], seed: int = 0) -> LocalityStats:
+    """`done`: (spec, result) per locality merge: spec has 'fixed' (ids), 'bin', 'rep', 'set'; result has
+    'correct' (member id -> 0/1)."""
+    fixed: list[tuple[str, int, float, int]] = []  # (fixed id, rep, bin, outcome)
+    partners: dict[str, list[int]] = {}
+    by_bin: dict[float, dict[str, list[float]]] = {}
+    for spec, res in done:
+        c, b = res["correct"], spec["bin"]
+        d = by_bin.setdefault(b, {"fixed": [], "partners": [], "merges": []})
+        d["merges"].append(1)
+        for i, v in c.items():
+            if i in spec["fixed"]:
+                fixed.append((i, spec["rep"], b, v))
+                d["fixed"].append(v)
+            else:
+                partners.setdefault(i, []).append(v)
+                d["partners"].append(v)
+    bins = sorted(by_bin)
+    blocks: dict[tuple[str, int], dict[float, int]] = {}
+    for i, rep, b, v in fixed:
+        blocks.setdefault((i, rep), {})[b] = v
+    common = [b for b in bins if all(b in row for row in blocks.values())]
+    q, q_p = cochran_q(np.array([[row[b] for b in common] for row in blocks.values()], dtype=float))
+    trend = clustered_slope([f[2] for f in fixed], [f[3] for f in fixed], [f[0] for f in fixed], seed=seed)
+    fixed_acc = [float(np.mean(by_bin[b]["fixed"])) for b in bins]
+    return LocalityStats(bins, [len(by_bin[b]["merges"]) for b in bins], fixed_acc,
+                         [float(np.mean(by_bin[b]["partners"])) if by_bin[b]["partners"] else math.nan for b in bins],
+                         q, q_p, trend, max(fixed_acc) - min(fixed_acc) if fixed_acc else math.nan,
+                         {i: float(np.mean(v)) for i, v in partners.items()})
 
 
 @dataclass
@@ -48,6 +80,8 @@ class Retention:
     T: float
     weak: list[float] = field(default_factory=list)  # per (set, weak task): weighted − plain retained accuracy
     strong: list[float] = field(default_factory=list)
+    weak_tasks: list[str] = field(default_factory=list)  # the task of each value: tasks recur across sets
+    strong_tasks: list[str] = field(default_factory=list)
 
 
 def retention_changes(rows: Mapping[str, dict], tasks: Mapping[str, dict]) -> list[Retention]:
@@ -67,4 +101,5 @@ def retention_changes(rows: Mapping[str, dict], tasks: Mapping[str, dict]) -> li
             for n in u[group]:
                 ft = tasks[n]["ft_acc"] or math.nan
                 getattr(r, group).append((acc[n] - base[n]) / ft)
+                getattr(r, f"{group}_tasks").append(n)
     return list(out.values())

@@ -48,9 +48,10 @@ FEATURES: dict[str, tuple[str, Callable[[dict], float | None]]] = {  # name -> (
 
 
 def load_features(store, scores: dict[str, float]) -> dict[str, np.ndarray]:
-    """Arrays aligned by update id: 'id', 'relation', 'score', and every feature in FEATURES."""
+    """Arrays aligned by update id: 'id', 'relation', 'subject', 'score', and every feature in FEATURES."""
     rows = [r for r in store.kept_update_rows() if r["id"] in scores]
     out = {"id": np.array([r["id"] for r in rows]), "relation": np.array([r["relation"] for r in rows]),
+           "subject": np.array([r["subj"] for r in rows]),
            "score": np.array([scores[r["id"]] for r in rows], dtype=float)}
     for name, (_, value) in FEATURES.items():
         out[name] = np.array([np.nan if (v := value(r)) is None else v for r in rows], dtype=float)

@@ -14,6 +14,7 @@ from mergeability.errors import MergeabilityError
 from mergeability.experiments.algorithms import Algorithms
 from mergeability.experiments.context import open_context
 from mergeability.experiments.groups import Groups
+from mergeability.experiments.knots_settings import KnotsSettings
 from mergeability.experiments.locality import Locality
 from mergeability.experiments.robustness import Robustness
 from mergeability.experiments.weighted import Weighted
@@ -24,6 +25,7 @@ EXPERIMENTS: dict[str, type] = {
     "locality": Locality,
     "groups": Groups,
     "weighted": Weighted,
+    "knots-settings": KnotsSettings,
 }
 
 
@@ -51,4 +53,4 @@ def run_experiment(experiment, run_dir: Path, console: Console | None = None, ov
 
 
 __all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "Algorithms", "Robustness", "Locality", "Groups",
-           "Weighted"]
+           "Weighted", "KnotsSettings"]

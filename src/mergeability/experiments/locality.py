@@ -1,5 +1,5 @@
-"""§5.1: the top-score updates, each merged with a partner group drawn from each score bin: does a high-score
-update stay correct whatever it is merged with?"""
+"""§5.1: fixed sets of top-score updates, each merged with partner groups drawn from every score bin: do the
+fixed updates stay correct whatever they are merged with, while the partners do as well as their own score says?"""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from mergeability.estimate import sample_apart
 from mergeability.experiments.context import REPEATS, Context, kept_updates, main_scores, run_merge_sets
 
+FIXED_SETS = 4  # disjoint fixed sets: more fixed updates, so the repeated-measures test has units to count
+
 
 def by_bin(sc: dict[str, float], M: int) -> dict[int, list[str]]:
     """Update ids per score bin k (score = k / M), each list sorted."""
@@ -20,21 +22,41 @@ def by_bin(sc: dict[str, float], M: int) -> dict[int, list[str]]:
     return out
 
 
-def units(cfg, sc: dict[str, float], groups: dict[str, str] | None = None) -> list[tuple[str, dict]]:
-    """(key, spec) per merge: up to 10 top-score updates × partner bins × REPEATS draws; no two members of a
-    merge share a group (`groups`: id -> subject), since every member is evaluated under it."""
-    rng = random.Random(f"{cfg.seed}/locality")
+def fixed_sets(rng: random.Random, sc: dict[str, float], size: int, groups) -> list[list[str]]:
+    """Up to FIXED_SETS disjoint sets of `size` top-score updates (no two of a set share a group). The top bin
+    when it can fill two sets per set drawn (so partners for that bin remain), else the best-ranked updates."""
     ranked = sorted(sc, key=lambda i: (-sc[i], i))
-    fixed = ranked[: min(10, max(1, len(ranked) // 4))]
+    top = [i for i in ranked if sc[i] == sc[ranked[0]]]
+    candidates = top if len(top) >= 2 * size else ranked[: 2 * size]
+    sets: list[list[str]] = []
+    for _ in range(max(1, min(FIXED_SETS, len(candidates) // (2 * size)))):
+        left = [i for i in candidates if not any(i in s for s in sets)]
+        drawn = sample_apart(rng, left, size, groups)
+        if len(drawn) < size:
+            break
+        sets.append(sorted(drawn))
+    return sets
+
+
+def units(cfg, sc: dict[str, float], groups: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """(key, spec) per merge: each fixed set × each partner bin × REPEATS draws, merging the set with a partner
+    group of that bin. A merge has N + 1 members, as a trial does: about half fixed, half partners. No two
+    members share a group (`groups`: id -> subject), since every member is evaluated under the merge."""
+    rng = random.Random(f"{cfg.seed}/locality")
+    size = max(1, (cfg.merge.partners + 1) // 2)
+    n_partners = cfg.merge.partners + 1 - size
+    sets = fixed_sets(rng, sc, size, groups)
+    fixed = {i for s in sets for i in s}
     out = []
     for k, members in sorted(by_bin(sc, cfg.merge.trials).items()):
         pool = [i for i in members if i not in fixed]
-        if len(pool) < 2:
-            continue
-        for f in fixed:
+        for n, fixed_set in enumerate(sets):
             for rep in range(REPEATS):
-                partners = sample_apart(rng, pool, cfg.merge.partners, groups, avoid=[f])
-                spec = {"fixed": f, "bin": k / cfg.merge.trials, "rep": rep, "merge": [f, *partners]}
+                partners = sample_apart(rng, pool, n_partners, groups, avoid=fixed_set)
+                if len(partners) < max(1, n_partners // 2):  # too few of this bin to form a group
+                    continue
+                spec = {"set": n, "fixed": fixed_set, "bin": k / cfg.merge.trials, "rep": rep,
+                        "merge": [*fixed_set, *partners]}
                 out.append((json.dumps(spec, sort_keys=True), spec))
     return out
 

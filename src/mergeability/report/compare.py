@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mergeability import run
-from mergeability.analysis.claims import RULES, Verdict, example_level_claims
+from mergeability.analysis.claims import RULES, Verdict, decide, example_level_claims
 from mergeability.analysis.features import FEATURES, load_features
 from mergeability.analysis.stats import Correlation, assign_bins, bin_centres, binomial_baseline, spearman
 from mergeability.analysis.summary import example_summary
@@ -55,8 +55,9 @@ def read_run(run_dir: Path, label: str) -> RunView:
         data = load_features(store, sc)
         corr = {f: spearman(data[f], data["score"], seed=cfg.seed) for f in FEATURES}
         with tempfile.TemporaryDirectory() as figdir:  # the experiments' figures belong to the run's own report
-            found = experiment_sections(cfg, store, sc, Path(figdir)).claims
-        claims = example_level_claims(corr, binomial_baseline(data["score"], cfg.merge.trials), found)
+            found = experiment_sections(cfg, store, sc, Path(figdir), data).claims
+        claims = decide(example_level_claims(data, binomial_baseline(data["score"], cfg.merge.trials), found,
+                                             seed=cfg.seed))
         summary = example_summary(cfg, store, list(sc))
         model = (store.get_meta("provenance") or {}).get("model") or cfg.model.name
         leakage = store.get_meta("leakage")

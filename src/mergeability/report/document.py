@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergeability.analysis.claims import RULES, Verdict
+from mergeability.analysis.claims import RULES
 from mergeability.atomic import write_text
 
 
@@ -25,7 +25,7 @@ class Sections:
 
     tables: list[Table] = field(default_factory=list)
     figures: list[tuple[str, Path]] = field(default_factory=list)
-    claims: dict[str, Verdict] = field(default_factory=dict)
+    claims: dict = field(default_factory=dict)  # key -> a claim (analysis.claims), decided with the whole table
 
     def extend(self, other: Sections) -> Sections:
         self.tables += other.tables
@@ -40,6 +40,14 @@ def fmt(x, d: int = 3) -> str:
 
 
 def correlation_table(labels: dict[str, str], corr: dict) -> Table:
+    """Spearman ρ of each feature with the score: `corr` maps feature -> `Correlation` (pooled), or -> `Corr`
+    (pooled and within relation)."""
+    if all(hasattr(c, "within") for c in corr.values()):
+        return Table("Spearman correlation of each feature with the score, pooled and within relation",
+                     ["feature", "ρ pooled", "p pooled", "ρ within relation", "95% CI (within)", "p (within)", "n"],
+                     [[labels[f], fmt(c.pooled.rho), fmt(c.pooled.p, 2), fmt(c.within.rho),
+                       f"[{fmt(c.within.ci[0])}, {fmt(c.within.ci[1])}]", fmt(c.within.p, 2), str(c.within.n)]
+                      for f, c in corr.items()])
     return Table("Spearman correlation of each feature with the score", ["feature", "ρ", "95% CI", "p", "n"],
                  [[labels[f], fmt(c.rho), f"[{fmt(c.ci[0])}, {fmt(c.ci[1])}]", fmt(c.p, 2), str(c.n)]
                   for f, c in corr.items()])

@@ -3,17 +3,20 @@ cause feature per score bin (Fig. 3, Tables A.1/A.2), correlations, the experime
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from mergeability import run
-from mergeability.analysis.claims import example_level_claims
+from mergeability.analysis.claims import correlate, decide, example_level_claims
 from mergeability.analysis.features import FEATURES, load_features
-from mergeability.analysis.stats import binomial_baseline, per_bin, spearman
+from mergeability.analysis.stats import binomial_baseline, per_bin
 from mergeability.analysis.summary import example_summary, example_summary_rows
 from mergeability.errors import MergeabilityError
+from mergeability.merging import get_method
 from mergeability.report.document import Sections, Table, correlation_table, fmt, write_report
 from mergeability.report.experiments import experiment_sections
 from mergeability.report.figures import baseline_figure, bins_figure
+from mergeability.report.knots_settings import knots_settings_section
 
 GROUPS = {  # figure name -> (title, features)
     "knowledge": ("Base-model knowledge by mergeability score (§4.1, Fig. 3)",
@@ -44,6 +47,14 @@ def baseline_table(base, M: int) -> Table:
                     ["χ² GOF", "", f"p = {fmt(base.chi2_p, 2)}"]])
 
 
+def method_settings(cfg) -> list[list[str]]:
+    """The merge method and every parameter it ran with, defaults filled in (KnOTS's density and λ set the level
+    and shape of every score)."""
+    m = cfg.merge
+    resolved = dataclasses.asdict(get_method(m.method, **m.params))
+    return [["method", m.method], *[[f"  {k}", str(v)] for k, v in resolved.items()]]
+
+
 def build_example_report(run_dir: Path, cfg, store):
     """The report of an example-level run whose config and (unlocked) store are open; closes the store."""
     sc = run.example_scores(cfg, store)
@@ -54,16 +65,16 @@ def build_example_report(run_dir: Path, cfg, store):
     figdir.mkdir(exist_ok=True)
     M, N = cfg.merge.trials, cfg.merge.partners
     base = binomial_baseline(data["score"], M)
-    corr = {f: spearman(data[f], data["score"], seed=cfg.seed) for f in FEATURES}
+    corr = {f: correlate(f, data[f], data["score"], data["relation"], seed=cfg.seed) for f in FEATURES}
     out = Sections(figures=[("Score distribution against the binomial baseline (Fig. 2)",
                              baseline_figure(base, figdir / "baseline.png", f"Mergeability scores, M={M}, N={N}"))])
     out.extend(feature_sections(cfg, data, figdir))
     out.tables += [correlation_table({f: label for f, (label, _) in FEATURES.items()}, corr), baseline_table(base, M)]
-    out.extend(experiment_sections(cfg, store, sc, figdir))  # whatever experiments have rows in the store
-    claims = example_level_claims(corr, base, out.claims)
+    out.extend(experiment_sections(cfg, store, sc, figdir, data))  # whatever experiments have rows in the store
+    out.extend(knots_settings_section(cfg, store, sc, data, figdir))
+    claims = decide(example_level_claims(data, base, out.claims, seed=cfg.seed))
     summary = example_summary_rows(example_summary(cfg, store, list(sc)))
     provenance = store.get_meta("provenance") or {}
-    settings = [["method", cfg.merge.method], ["method parameters", str(cfg.merge.params)], ["M (trials)", str(M)],
-                ["N (partners)", str(N)], ["dataset", cfg.data.dataset],
-                ["questions per subject", str(cfg.data.per_subject)]]
+    settings = [*method_settings(cfg), ["M (trials)", str(M)], ["N (partners)", str(N)],
+                ["dataset", cfg.data.dataset], ["questions per subject", str(cfg.data.per_subject)]]
     return write_report(run_dir, provenance, settings, summary, out, claims), claims

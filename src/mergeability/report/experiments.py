@@ -3,32 +3,60 @@ figures and claim verdicts. An experiment with missing rows adds nothing (its cl
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from mergeability import run
-from mergeability.analysis.claims import ALPHA, Verdict, all_of, directional
-from mergeability.analysis.experiments import locality_test, sign_test
-from mergeability.analysis.stats import assign_bins, spearman
+from mergeability.analysis.claims import (
+    EXPERIMENT_CLAIMS,
+    AllOf,
+    Directional,
+    Local,
+    NoEffect,
+    Overdispersed,
+    Paired,
+    correlate,
+)
+from mergeability.analysis.experiments import locality_stats, sign_test
+from mergeability.analysis.stats import assign_bins, binomial_baseline
 from mergeability.estimate import params_key
 from mergeability.experiments import algorithms, groups, locality
-from mergeability.experiments.robustness import half
 from mergeability.report.document import Sections, Table
 from mergeability.report.figures import lines_figure
 
 
-def experiment_sections(cfg, store, main: dict[str, float], figdir: Path) -> Sections:
-    """Every experiment's section, in a fixed order."""
+def experiment_sections(cfg, store, main: dict[str, float], figdir: Path, data: dict) -> Sections:
+    """Every experiment's section, in a fixed order. `data`: the run's features (analysis.features), whose
+    'relation' column stratifies the tests."""
     out = Sections()
     for section in (algorithms_section, locality_section, groups_section, robustness_section):
-        out.extend(section(cfg, store, main, figdir))
+        out.extend(section(cfg, store, main, figdir, data))
     return out
 
 
 def _corr_row(label: str, c) -> list[str]:
-    return [label, f"{c.rho:.3f}", f"[{c.ci[0]:.2f}, {c.ci[1]:.2f}]", f"{c.p:.2g}"]
+    w = c.within
+    return [label, f"{c.pooled.rho:.3f}", f"{w.rho:.3f}", f"[{w.ci[0]:.2f}, {w.ci[1]:.2f}]", f"{w.p:.2g}"]
+
+
+CORR_COLUMNS = ["comparison", "ρ pooled", "ρ within relation", "95% CI (within)", "p (within, raw)"]
+
+
+def _aligned(scores: dict[str, float], data: dict) -> np.ndarray:
+    """`scores` in the order of `data['id']`."""
+    return np.array([scores[i] for i in data["id"]], dtype=float)
+
+
+def _groups(data: dict) -> dict[str, str]:
+    """Update id -> subject: the groups the experiments kept apart when they drew their merge sets."""
+    return {str(i): str(g) for i, g in zip(data["id"], data["subject"])}
+
+
+def _corr(label: str, a: dict[str, float], b: dict[str, float], data: dict, seed: int):
+    return correlate(label, _aligned(a, data), _aligned(b, data), data["relation"], seed=seed)
 
 
 def _bin_means(scores: dict[str, float], ids: list[str], bins, M: int) -> list[float]:
@@ -37,7 +65,7 @@ def _bin_means(scores: dict[str, float], ids: list[str], bins, M: int) -> list[f
             for k in range(M + 1)]
 
 
-def algorithms_section(cfg, store, main, figdir) -> Sections:
+def algorithms_section(cfg, store, main, figdir, data) -> Sections:
     """§5.2, A.9, A.31-A.35: score distributions and agreement across merge methods."""
     out, M, N, own = Sections(), cfg.merge.trials, cfg.merge.partners, cfg.merge.method
     ids = sorted(main)
@@ -60,25 +88,47 @@ def algorithms_section(cfg, store, main, figdir) -> Sections:
     out.figures.append((f"Mean score under other methods per {own} bin (A.35)",
                         lines_figure(by_bin, figdir / "algorithms.png", "Scores across merge methods",
                                      f"{own} mergeability score", "mean score under the method")))
-    corrs = {m: spearman([main[i] for i in ids], [s[i] for i in ids], seed=cfg.seed) for m, s in others.items()}
-    out.tables.append(Table(f"Rank correlation with {own} scores", ["method", "ρ", "95% CI", "p"],
+    corrs = {m: _corr(f"{own} vs {m}", main, s, data, cfg.seed) for m, s in others.items()}
+    out.tables.append(Table(f"Rank correlation with {own} scores", CORR_COLUMNS,
                             [_corr_row(m, c) for m, c in corrs.items()]))
-    agree = [directional(f"{own} vs {m}", c, +1) for m, c in corrs.items()]
-    out.claims["methods_agree"] = all_of("Scores agree across merge methods (A.9)",
-                                         "; ".join(f"{v.claim}: {v.measured}" for v in agree), agree)
-    if "mean" in others:  # the weakest method: no conflict resolution at all
-        out.claims["weaker_methods"] = weaker_methods_claim(own, [main[i] == 1.0 for i in ids],
-                                                            [others["mean"][i] == 1.0 for i in ids])
+    out.claims.update(algorithms_claims(cfg, methods, corrs, data))
     return out
 
 
-def weaker_methods_claim(own: str, own_top: list[bool], mean_top: list[bool]) -> Verdict:
+def algorithms_claims(cfg, methods: dict[str, dict], corrs: dict, data: dict) -> dict:
+    """The claims the other methods' scores decide, undecided: agreement (A.9), the weaker methods' share at 1.0
+    and TIES's place between mean and KnOTS (§5.2), the gap trend under TIES and under mean (A.9)."""
+    own, ids = cfg.merge.method, sorted(methods[cfg.merge.method])
+    text = {k: t for k, (t, _) in EXPERIMENT_CLAIMS.items()}
+    out = {"methods_agree": AllOf(text["methods_agree"], tuple(Directional(c.label, c, +1) for c in corrs.values()))}
+    top = {m: [s[i] == 1.0 for i in ids] for m, s in methods.items()}
+    if "mean" in methods and own != "mean":  # the weakest method: no conflict resolution at all
+        out["weaker_methods"] = weaker_methods_claim(own, top[own], top["mean"])
+    if {"mean", "ties", "knots"} <= set(methods):
+        mean_scores = [methods["mean"][i] for i in ids]
+        out["ties_between"] = AllOf(text["ties_between"], (
+            _paired("more at 1.0 under TIES than KnOTS", top["knots"], top["ties"]),
+            _paired("more at 1.0 under mean than TIES", top["ties"], top["mean"]),
+            Overdispersed(f"mean over-dispersed (bimodal): {np.mean(np.equal(mean_scores, 0)):.0%} at 0, "
+                          f"{np.mean(np.equal(mean_scores, 1)):.0%} at 1.0",
+                          binomial_baseline(mean_scores, cfg.merge.trials))))
+    if {"mean", "ties"} <= set(methods):
+        gap = {i: g for i, g in zip(data["id"], data["gap"])}
+        out["gap_by_method"] = AllOf(text["gap_by_method"], (
+            Directional("under TIES", _corr("gap", gap, methods["ties"], data, cfg.seed), -1),
+            NoEffect("under mean", (_corr("gap", gap, methods["mean"], data, cfg.seed),))))
+    return out
+
+
+def _paired(label: str, a: list[bool], b: list[bool]) -> Paired:
+    t = sign_test(a, b)
+    return Paired(label, f"{np.mean(b):.0%} vs {np.mean(a):.0%}", t.more, t.fewer, t.p)
+
+
+def weaker_methods_claim(own: str, own_top: list[bool], mean_top: list[bool]) -> Paired:
     t = sign_test(own_top, mean_top)
-    verdict = ("supported" if t.more > t.fewer and t.p < ALPHA else
-               "contradicted" if t.fewer > t.more and t.p < ALPHA else "inconclusive")
-    return Verdict("Weaker merge methods put more updates at score 1.0 (§5.2)",
-                   f"at 1.0: mean {np.mean(mean_top):.0%} vs {own} {np.mean(own_top):.0%}",
-                   f"sign test on {t.more + t.fewer} discordant updates, p = {t.p:.2g}", verdict)
+    return Paired(EXPERIMENT_CLAIMS["weaker_methods"][0],
+                  f"at 1.0: mean {np.mean(mean_top):.0%} vs {own} {np.mean(own_top):.0%}", t.more, t.fewer, t.p)
 
 
 def _complete(store, name: str, units) -> list[tuple[dict, dict]] | None:
@@ -88,46 +138,36 @@ def _complete(store, name: str, units) -> list[tuple[dict, dict]] | None:
     return [(spec, rows[k]) for k, spec in units]
 
 
-def locality_section(cfg, store, main, figdir) -> Sections:
-    """§5.1, Fig. 5: the fixed high-score updates' accuracy and the partners' across partner bins."""
+def locality_section(cfg, store, main, figdir, data) -> Sections:
+    """§5.1, Fig. 5: the fixed high-score sets' accuracy and the partners' across partner bins."""
     out = Sections()
-    done = _complete(store, "locality", locality.units(cfg, main))
+    done = _complete(store, "locality", locality.units(cfg, main, _groups(data)))
     if done is None:
         return out
-    fixed: dict[float, list[int]] = {}
-    partners: dict[float, list[float]] = {}
-    for spec, res in done:
-        c = res["correct"]
-        fixed.setdefault(spec["bin"], []).append(c[spec["fixed"]])
-        partners.setdefault(spec["bin"], []).append(float(np.mean([v for i, v in c.items() if i != spec["fixed"]])))
-    xs = sorted(fixed)
-    fixed_acc = [float(np.mean(fixed[x])) for x in xs]
-    partner_acc = [float(np.mean(partners[x])) for x in xs]
-    out.tables.append(Table("Locality: high-score updates merged with partners from each bin (§5.1, Fig. 5)",
-                            ["partner bin", "merges", "fixed-set accuracy", "partner accuracy"],
-                            [[f"{x:.2f}", str(len(fixed[x])), f"{a:.3f}", f"{b:.3f}"]
-                             for x, a, b in zip(xs, fixed_acc, partner_acc)]))
+    t = locality_stats(done, seed=cfg.seed)
+    out.tables.append(Table("Locality: fixed sets of top-score updates merged with partners from each bin "
+                            "(§5.1, Fig. 5)", ["partner bin", "merges", "fixed-set accuracy", "partner accuracy"],
+                            [[f"{x:.2f}", str(n), f"{a:.3f}", f"{b:.3f}"]
+                             for x, n, a, b in zip(t.bins, t.merges, t.fixed_acc, t.partner_acc)]))
     out.figures.append(("Locality (Fig. 5)", lines_figure(
-        {"fixed high-score set": (xs, fixed_acc), "partners": (xs, partner_acc)}, figdir / "locality.png",
-        "Accuracy after merging with partners from each score bin", "partners' mergeability score", "accuracy")))
-    # Local if the fixed set's accuracy does not depend on the partners' bin, while the partners' does.
-    t = locality_test(fixed)
-    verdict = ("supported" if t.p >= ALPHA and t.spread < 0.25 else
-               "contradicted" if t.p < ALPHA and t.spread >= 0.25 else "inconclusive")
-    out.claims["locality"] = Verdict(
-        "Mergeability is local: high-score updates stay stable whatever partners (§5.1)",
-        f"fixed-set accuracy {min(fixed_acc):.2f}–{max(fixed_acc):.2f} across partner bins; "
-        f"partners {min(partner_acc):.2f}–{max(partner_acc):.2f}",
-        f"χ² test of fixed-set accuracy vs partner bin, p = {t.p:.2g} "
-        f"(rule: supported if p ≥ {ALPHA} and spread < 0.25)",
-        verdict)
+        {"fixed high-score sets": (t.bins, t.fixed_acc), "partners": (t.bins, t.partner_acc)},
+        figdir / "locality.png", "Accuracy after merging with partners from each score bin",
+        "partners' mergeability score", "accuracy")))
+    text = {k: v for k, (v, _) in EXPERIMENT_CLAIMS.items()}
+    out.claims["locality"] = Local(text["locality"], f"fixed-set accuracy {min(t.fixed_acc):.2f}–"
+                                   f"{max(t.fixed_acc):.2f} across partner bins", t.trend, t.q_p, t.spread)
+    partner_ids = sorted(t.partner_mean)
+    rel = dict(zip(data["id"], data["relation"]))
+    out.claims["partners_trend"] = Directional(text["partners_trend"], correlate(
+        "partners", [main[i] for i in partner_ids], [t.partner_mean[i] for i in partner_ids],
+        [rel[i] for i in partner_ids], seed=cfg.seed), +1)
     return out
 
 
-def groups_section(cfg, store, main, figdir) -> Sections:
+def groups_section(cfg, store, main, figdir, data) -> Sections:
     """A.20-A.22: merging within one bin, mixing low and high, growing the merged set."""
     out = Sections()
-    done = _complete(store, "groups", groups.units(cfg, main))
+    done = _complete(store, "groups", groups.units(cfg, main, _groups(data)))
     if done is None:
         return out
     acc: dict[tuple[str, float], list[float]] = {}
@@ -156,26 +196,39 @@ def groups_section(cfg, store, main, figdir) -> Sections:
     return out
 
 
-def robustness_section(cfg, store, main, figdir) -> Sections:
-    """A.3, A.13-A.14: the scores of trials M+1 … 2M, and of N/2 partners, against the run's."""
+def other_partner_counts(cfg, store) -> list[int]:
+    """The N values besides the run's own that the store holds trials for under the run's method and parameters."""
+    own = json.loads(run.run_key(cfg))
+    out = []
+    for key in store.trial_keys():
+        k = json.loads(key)
+        n = k.pop("partners", None)
+        if n not in (None, cfg.merge.partners) and k == {a: b for a, b in own.items() if a != "partners"}:
+            out.append(n)
+    return sorted(out)
+
+
+def robustness_section(cfg, store, main, figdir, data) -> Sections:
+    """A.3, A.13-A.14: the scores of trials M+1 … 2M, and at other N, against the run's."""
     out, M, N = Sections(), cfg.merge.trials, cfg.merge.partners
     ids = sorted(main)
     twice = run.scores(store, run.run_key(cfg), ids, M, first=M, complete=True)
-    halved = run.scores(store, run.run_key(cfg, half(N)), ids, M, complete=True)
-    if not (set(ids) <= set(twice) and set(ids) <= set(halved)):
+    others = {n: run.scores(store, run.run_key(cfg, n), ids, M, complete=True)
+              for n in other_partner_counts(cfg, store)}
+    others = {n: s for n, s in others.items() if set(ids) <= set(s)}
+    if not set(ids) <= set(twice) or not others:
         return out
-    c_m = spearman([main[i] for i in ids], [twice[i] for i in ids], seed=cfg.seed)
-    c_n = spearman([main[i] for i in ids], [halved[i] for i in ids], seed=cfg.seed)
-    out.tables.append(Table("Robustness of scores to M and N (A.13, A.14)", ["comparison", "ρ", "95% CI", "p"],
-                            [_corr_row(f"trials 1–{M} vs trials {M + 1}–{2 * M} (N={N})", c_m),
-                             _corr_row(f"N={N} vs N={half(N)} (M={M})", c_n)]))
+    corrs = {f"trials 1–{M} vs trials {M + 1}–{2 * M} (N={N})": _corr("M", main, twice, data, cfg.seed)}
+    corrs.update({f"N={N} vs N={n} (M={M})": _corr(f"N={n}", main, s, data, cfg.seed) for n, s in others.items()})
+    out.tables.append(Table("Robustness of scores to M and N (A.13, A.14)", CORR_COLUMNS,
+                            [_corr_row(label, c) for label, c in corrs.items()]))
     bins = assign_bins([main[i] for i in ids], M)
     xs = [k / M for k in range(M + 1)]
+    series = {f"trials {M + 1}–{2 * M}": (xs, _bin_means(twice, ids, bins, M))}
+    series.update({f"N={n}": (xs, _bin_means(s, ids, bins, M)) for n, s in others.items()})
     out.figures.append(("Robustness to M and N (A.13, A.14)", lines_figure(
-        {f"trials {M + 1}–{2 * M}": (xs, _bin_means(twice, ids, bins, M)),
-         f"N={half(N)}": (xs, _bin_means(halved, ids, bins, M))}, figdir / "robustness.png",
-        "Scores under other M and N, per main-run score bin", f"score (M={M}, N={N})", "mean score")))
-    out.claims["mn_agree"] = all_of("Scores agree across M and N (A.3)",
-                                    f"ρ(M halves) = {c_m.rho:+.2f}; ρ(N vs N/2) = {c_n.rho:+.2f}",
-                                    [directional("M", c_m, +1), directional("N", c_n, +1)])
+        series, figdir / "robustness.png", "Scores under other M and N, per main-run score bin",
+        f"score (M={M}, N={N})", "mean score")))
+    out.claims["mn_agree"] = AllOf(EXPERIMENT_CLAIMS["mn_agree"][0],
+                                   tuple(Directional(c.label, c, +1) for c in corrs.values()))
     return out

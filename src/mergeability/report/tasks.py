@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mergeability import run
-from mergeability.analysis.claims import ALPHA, Verdict, directional, no_correlation, not_run
+from mergeability.analysis.claims import ALPHA, Corr, Directional, NoEffect, Verdict, decide, not_run, pooled_only
 from mergeability.analysis.stats import per_bin, spearman
 from mergeability.analysis.summary import task_summary, task_summary_rows
 from mergeability.errors import MergeabilityError
@@ -89,17 +89,21 @@ def threshold_section(cfg, store, figdir: Path) -> tuple[Sections, dict]:
 
 
 def task_claims(corr: dict, degr, sweep_corr: dict, experiment_claims: dict) -> list[Verdict]:
-    return [
-        directional("Tasks the base model knows better are more mergeable (Fig. 4)", corr["base_acc"], +1),
-        directional("Degradation after merging falls as base accuracy rises (A.15)", degr, -1),
-        directional("Lower perplexity of the task data goes with higher scores (A.5)", corr["answer_ppl"], -1),
-        directional("Longer contexts go with higher scores (A.6)", corr["prompt_tokens"], +1),
-        no_correlation("Weight norm and top singular value do not correlate with the score (Table 1)",
-                       [corr["fro_norm"], corr["top_sv"]]),
+    """The claims table of a task-level run, decided (Holm across it). Tasks have no relation to stratify by."""
+    def c(f: str) -> Corr:
+        return pooled_only(f, corr[f])
+
+    return decide([
+        Directional("Tasks the base model knows better are more mergeable (Fig. 4)", c("base_acc"), +1),
+        Directional("Degradation after merging falls as base accuracy rises (A.15)", pooled_only("degr", degr), -1),
+        Directional("Lower perplexity of the task data goes with higher scores (A.5)", c("answer_ppl"), -1),
+        Directional("Longer contexts go with higher scores (A.6)", c("prompt_tokens"), +1),
+        NoEffect("Weight norm and top singular value do not correlate with the score (Table 1)",
+                 (c("fro_norm"), c("top_sv"))),
         _thresholds_claim(sweep_corr),
         experiment_claims.get("weighted") or not_run("Base-accuracy weighting raises weak tasks' retained accuracy "
                                                      "with little loss on strong tasks (§6, Fig. 7)", "weighted"),
-    ]
+    ])
 
 
 def build_task_report(run_dir: Path, cfg, store):
