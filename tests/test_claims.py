@@ -14,6 +14,7 @@ from mergeability.analysis.claims import (
     AllOf,
     Corr,
     Directional,
+    Local,
     NoEffect,
     Overdispersed,
     Verdict,
@@ -22,13 +23,15 @@ from mergeability.analysis.claims import (
     feature_claims,
     pooled_only,
 )
+from mergeability.analysis.experiments import locality_stats
 from mergeability.analysis.features import FEATURES
-from mergeability.analysis.inference import Stratified, holm, spearman_power, spearman_power_n
+from mergeability.analysis.inference import Stratified, Trend, holm, spearman_power, spearman_power_n
 from mergeability.analysis.stats import Correlation, binomial_baseline, spearman
 from mergeability.config import from_flat
 from mergeability.estimate import params_key
 from mergeability.experiments import locality
 from mergeability.report.experiments import algorithms_claims, locality_section, other_partner_counts
+from mergeability.report.tasks import task_claims
 from mergeability.store import Store
 
 GAP = "The base model's probability gap (top − gold) falls as the score rises (Fig. 3)"
@@ -214,7 +217,7 @@ def test_locality_verdicts(tmp_path, name, n, fixed_acc, verdict):
     claims = locality_section(cfg, store, main, tmp_path, data).claims
     v, partners = decide([claims["locality"], claims["partners_trend"]])
     assert v.verdict == verdict, (name, v)
-    assert "Cochran's Q" in v.evidence and "slope" in v.evidence
+    assert "permutation within fixed set" in v.evidence and "slope" in v.evidence
     if n == 120:
         assert partners.verdict == "supported", partners  # partners do as well as their own score says
 
@@ -303,3 +306,57 @@ def test_other_partner_counts_reads_the_runs_own_method_only(tmp_path):
         store.add_trial({"target": "u1", "trial": 0, "method": method, "params": params_key(method, params),
                          "partners": [], "correct": 1, "probs": []})
     assert other_partner_counts(cfg, store) == [5, 25]
+
+
+def test_locality_fixed_sets_form_when_top_subjects_are_few():
+    cfg = from_flat("examples", trials=3, partners=9, seed=0)
+    main = {f"u{i:03d}": (i % 4) / 3 for i in range(120)}
+    few = {i: ("top" + str(int(i[1:]) % 3) if main[i] == 1.0 else i) for i in main}  # 30 top updates, 3 subjects
+    units = locality.units(cfg, main, few)
+    assert units, "no fixed set formed"
+    for _, s in units:
+        assert len({few[m] for m in s["merge"]}) == len(s["merge"]) == 10  # distinct subjects, full size
+
+
+def test_locality_random_merge_effects_do_not_fake_a_bin_effect():
+    """The fixed updates of a merge share its partners: a random effect per merge and no bin effect must not
+    reject equal accuracy more often than α, nor give a slope CI that misses 0 much more often than 5 %."""
+    rng = np.random.default_rng(0)
+    rejected = missed = 0
+    sims = 60
+    for sim in range(sims):
+        done = []
+        for s in range(4):
+            fixed = [f"f{s}{j}" for j in range(5)]
+            for b in np.linspace(0, 1, 6):
+                for rep in range(3):
+                    p = np.clip(0.6 + rng.normal(0, 0.25), 0, 1)  # the merge's own luck, shared by its fixed set
+                    correct = {f: int(rng.random() < p) for f in fixed}
+                    correct.update({f"p{s}{b}{rep}{k}": 1 for k in range(5)})
+                    done.append(({"set": s, "fixed": fixed, "bin": float(b), "rep": rep}, {"correct": correct}))
+        t = locality_stats(done, seed=sim)
+        rejected += t.p < 0.05
+        missed += not (t.trend.ci[0] <= 0 <= t.trend.ci[1])
+    assert rejected / sims <= 0.12 and missed / sims <= 0.15, (rejected, missed)
+
+
+@pytest.mark.parametrize("merges, verdict", [((12, 12, 12), "supported"), ((3, 3, 3), "inconclusive"),
+                                             ((12, 12), "inconclusive")])
+def test_locality_stable_needs_enough_bins_and_merges(merges, verdict):
+    always_right = Trend(0.0, (0.0, 0.0), sum(merges), sum(merges))  # a fixed set correct in every merge
+    (v,) = decide([Local("local", "m", always_right, 1.0, 0.0, merges)])
+    assert v.verdict == verdict
+
+
+@pytest.mark.parametrize("shift, verdict", [(5.0, "supported"), (-5.0, "contradicted"), (0.0, "inconclusive")])
+def test_task_level_lowest_bin_norms(shift, verdict):
+    """Table 1 (task level): tasks in the lowest score bin have higher ‖ΔW‖ and σ_max than all others."""
+    rng = np.random.default_rng(0)
+    n = 60
+    score = np.r_[rng.uniform(0, 0.19, 20), rng.uniform(0.2, 1, n - 20)]
+    low = score < 0.2
+    d = {"score": score, "fro_norm": rng.normal(10, 1, n) + shift * low, "top_sv": rng.normal(8, 1, n) + shift * low}
+    flat = spearman(rng.random(n), score)
+    corr = {f: flat for f in ("base_acc", "answer_ppl", "prompt_tokens", "fro_norm", "top_sv")}
+    claims = task_claims(d, corr, flat, {}, {})
+    assert by_claim(claims, "The lowest score bin has higher ‖ΔW‖ and σ_max than the rest (Table 1)").verdict == verdict

@@ -12,10 +12,10 @@ from scipy import stats as st
 
 from mergeability.analysis.inference import (
     Trend,
+    blocked_permutation_p,
     cluster_bootstrap,
     cluster_bootstrap_ci,
     clustered_slope,
-    cochran_q,
     equivalent,
     holm,
     spearman_power,
@@ -246,42 +246,39 @@ def test_power_known_values():
     assert math.isnan(spearman_power(0.3, 3))
 
 
-# ------------------------------------------------------------------ cochran_q
+# ------------------------------------------------------------------ blocked_permutation_p
 
 
-@pytest.mark.parametrize("b, c", [(12, 3), (5, 5), (0, 7), (9, 1)])
-def test_two_conditions_is_mcnemar(b, c):
-    table = [[1, 0]] * b + [[0, 1]] * c + [[1, 1]] * 6 + [[0, 0]] * 4  # concordant blocks carry nothing
-    q, p = cochran_q(table)
-    assert q == pytest.approx((b - c) ** 2 / (b + c))
-    assert p == pytest.approx(st.chi2.sf((b - c) ** 2 / (b + c), 1))
+def test_blocked_permutation_exact_on_a_tiny_table():
+    # two blocks, each one value per group: 2 × 2 within-block permutations, equally likely; the observed split
+    # (group a high in both blocks) and the fully swapped one reach the observed statistic: p = 2/4
+    p = blocked_permutation_p([1, 0, 1, 0], ["a", "b", "a", "b"], [0, 0, 1, 1], n_perm=20000, seed=0)
+    assert p == pytest.approx(0.5, abs=0.02)
 
 
-def test_textbook_table():
-    table = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 0, 1], [1, 1, 0]])
-    # C = (5, 3, 2), N = 10, ΣR² = 4 + 1 + 9 + 0 + 4 + 4 = 22: Q = 2 (3 · 38 − 100) / (30 − 22) = 3.5
-    q, p = cochran_q(table)
-    assert q == pytest.approx(3.5)
-    assert p == pytest.approx(math.exp(-3.5 / 2))  # χ² with 2 dof: the survival function is exp(−x/2)
-    # the same Q in its other form: k (k − 1) Σ (C_j − N/k)² / Σ R_i (k − R_i)
-    k, cols, rows = 3, table.sum(0), table.sum(1)
-    assert q == pytest.approx(k * (k - 1) * ((cols - cols.mean()) ** 2).sum() / (rows * (k - rows)).sum())
-
-
-def test_one_worse_condition_is_detected():
+def test_blocked_permutation_detects_a_group_effect_and_ignores_block_levels():
     rng = np.random.default_rng(0)
-    table = (rng.random((40, 4)) < [0.8, 0.8, 0.8, 0.3]).astype(int)
-    q, p = cochran_q(table)
-    assert p < 0.01 and q > st.chi2.ppf(0.99, 3)
+    blocks = np.repeat(np.arange(4), 15)
+    groups = np.tile(np.repeat(np.arange(5), 3), 4)
+    level = np.array([0.0, 5.0, -5.0, 10.0])[blocks]  # huge differences between blocks, none between groups
+    flat = level + rng.normal(0, 1, 60)
+    assert blocked_permutation_p(flat, groups, blocks, seed=1) > 0.05
+    assert blocked_permutation_p(flat + 0.8 * groups, groups, blocks, seed=1) < 0.01
+    # the observed statistic is reached by itself: p ≥ 1 / (1 + n_perm)
+    assert blocked_permutation_p(flat + 50 * groups, groups, blocks, n_perm=99) == pytest.approx(1 / 100)
 
 
-def test_cochran_degenerate_cases():
-    assert cochran_q([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]) == (0.0, 1.0)  # equal column totals
-    assert all(math.isnan(v) for v in cochran_q([[1, 1], [0, 0], [1, 1]]))  # identical columns: no informative block
-    assert all(math.isnan(v) for v in cochran_q([[1], [0], [1]]))  # one condition
-    assert cochran_q([[1, 0], [math.nan, 1], [1, 0]]) == pytest.approx((2.0, st.chi2.sf(2.0, 1)))  # incomplete block
-    with pytest.raises(ValueError):
-        cochran_q([[1, 2], [0, 1]])
+def test_blocked_permutation_holds_its_level_under_the_null():
+    rng = np.random.default_rng(2)
+    blocks = np.repeat(np.arange(3), 12)
+    groups = np.tile(np.repeat(np.arange(4), 3), 3)
+    ps = [blocked_permutation_p((rng.random(36) < 0.6).astype(float), groups, blocks, n_perm=200, seed=i)
+          for i in range(200)]
+    assert 0.01 <= np.mean(np.array(ps) < 0.05) <= 0.1
+
+
+def test_blocked_permutation_needs_two_groups():
+    assert math.isnan(blocked_permutation_p([1, 0, 1], [0, 0, 0], [0, 1, 2]))
 
 
 # ------------------------------------------------------------------ clustered_slope and equivalent

@@ -36,7 +36,7 @@ def test_task_run_scores_resumes_and_reports(tiny_model_dir, pool, tmp_path):
     assert (out / "scores.csv").read_bytes() == before
     assert db.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 5 * 3
     html, claims = build_report(out)
-    assert html.exists() and "Fig. 4" in html.read_text() and len(claims) == 7
+    assert html.exists() and "Fig. 4" in html.read_text() and len(claims) == 8
 
 
 def test_killed_task_run_resumes_to_the_same_scores(tiny_model_dir, pool, tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ NEGLIGIBLE = 0.3  # |ρ| below this counts as "does not correlate"
 DETECT = 0.2  # an inconclusive correlation states the n that would detect |ρ| = DETECT ...
 POWER = 0.8  # ... with this power at ALPHA
 MARGIN = 0.2  # locality: a change in accuracy across the partners' whole score range still "stable"
+MIN_MERGES = 6  # locality: "stable" needs at least this many merges in each of at least 3 partner bins
 
 RULES = (
     f"Every p-value of a claims table is Holm-adjusted across the table; verdicts use the adjusted value at "
@@ -37,15 +38,17 @@ RULES = (
     f"relation (the size-weighted mean of within-relation ρ; p from permuting scores within relation): supported if "
     f"ρ has the claimed sign and p < α, contradicted if the opposite sign and p < α, otherwise inconclusive, with "
     f"the n that would detect |ρ| = {DETECT} at {POWER:.0%} power. The pooled ρ is shown beside it. "
-    f"'No correlation' claims: supported if every within-relation 95 % CI lies inside (−{NEGLIGIBLE}, {NEGLIGIBLE}); "
-    f"contradicted if some p < α with |ρ| ≥ {NEGLIGIBLE}; otherwise inconclusive. "
+    f"'No correlation' claims: supported if each feature's 95 % CI of within-relation ρ lies inside "
+    f"(−{NEGLIGIBLE}, {NEGLIGIBLE}); contradicted if some p < α with |ρ| ≥ {NEGLIGIBLE}; otherwise inconclusive. "
     f"Bin claims (the top or bottom score bin differs) are directional claims on the bin's indicator. "
     f"Baseline claim: supported if the over-dispersion test rejects the binomial baseline. "
     f"Paired claims (more updates at score 1.0 under one method): exact sign test on the discordant updates. "
-    f"Locality: supported if the cluster-bootstrap 95 % CI (clustered by fixed update) of the fixed set's accuracy "
-    f"slope across partner score bins lies inside ±{MARGIN}; contradicted if Cochran's Q rejects equal accuracy "
-    f"across bins and the accuracy spans ≥ {MARGIN}; otherwise inconclusive. A claim of several parts is supported "
-    f"if every part is, contradicted if any part is. Claims that need an experiment not yet run are inconclusive."
+    f"Locality (the merge is the unit: a merge's fixed updates share its partners): supported if the bootstrap 95 % "
+    f"CI of the slope of the fixed sets' per-merge accuracy on the partners' score lies inside ±{MARGIN}, with ≥ 3 "
+    f"bins of ≥ {MIN_MERGES} merges; contradicted if a permutation test (bins permuted within fixed set) rejects "
+    f"equal accuracy across bins and the accuracy spans ≥ {MARGIN}; otherwise inconclusive. A claim of several "
+    f"parts is supported if every part is, contradicted if any part is. Claims that need an experiment not yet run "
+    f"are inconclusive. Equivalence rules (no correlation, locality) use unadjusted 95 % CIs."
 )
 
 
@@ -97,7 +100,7 @@ def power_note(c: Stratified) -> str:
     if c.n < 4:
         return f"n = {c.n}: too few to test"
     need = spearman_power_n(DETECT, ALPHA, POWER)
-    return (f"n = {c.n}; ≈{need} needed to detect |ρ| = {DETECT} at {POWER:.0%} power "
+    return (f"n = {c.n}; ≈{need} needed to detect |ρ| = {DETECT} at {POWER:.0%} power and α = {ALPHA} before Holm "
             f"(power now {spearman_power(DETECT, c.n, ALPHA):.0%})")
 
 
@@ -190,28 +193,31 @@ class Paired:
 
 @dataclass(frozen=True)
 class Local:
-    """The fixed set's accuracy does not move with the partners' score (an equivalence claim, §5.1)."""
+    """The fixed sets' accuracy does not move with the partners' score (an equivalence claim, §5.1)."""
 
     claim: str
     measured: str
-    trend: Trend  # slope of the fixed updates' 0/1 outcomes on the partners' score, clustered by fixed update
-    q_p: float  # Cochran's Q p-value: equal accuracy across partner bins
-    spread: float  # max − min of the fixed set's accuracy across bins
+    trend: Trend  # slope of the fixed set's per-merge accuracy on the partners' score, merges resampled
+    p: float  # blocked permutation test of equal accuracy across partner bins
+    spread: float  # max − min of the fixed sets' accuracy across bins
+    merges: tuple[int, ...]  # merges per partner bin
 
     def pvalues(self) -> list[float]:
-        return [self.q_p]
+        return [self.p]
 
     def decide(self, adjusted: Sequence[float]) -> Verdict:
         t = self.trend
-        if equivalent(t, MARGIN):
+        enough = len(self.merges) >= 3 and min(self.merges) >= MIN_MERGES
+        if enough and equivalent(t, MARGIN):
             verdict = "supported"
         elif adjusted[0] < ALPHA and self.spread >= MARGIN:
             verdict = "contradicted"
         else:
             verdict = "inconclusive"
         return Verdict(self.claim, self.measured,
-                       f"slope {t.slope:+.2f}, 95% CI [{t.ci[0]:+.2f}, {t.ci[1]:+.2f}] ({t.clusters} fixed updates; "
-                       f"margin ±{MARGIN}); Cochran's Q {_p(self.q_p, adjusted[0])}", verdict)
+                       f"slope {t.slope:+.2f}, 95% CI [{t.ci[0]:+.2f}, {t.ci[1]:+.2f}] over {t.n} merges (margin "
+                       f"±{MARGIN}; needs ≥ 3 bins of ≥ {MIN_MERGES} merges: {list(self.merges)}); equal accuracy "
+                       f"across bins (permutation within fixed set) {_p(self.p, adjusted[0])}", verdict)
 
 
 @dataclass(frozen=True)
@@ -256,18 +262,18 @@ def bin_indicator(scores, which: float) -> np.ndarray:
 
 
 def feature_claims(data: dict, seed: int = 0) -> list:
-    """The claims a run's features decide alone (§4, A.3, A.4, Table 1), undecided. `data`: aligned arrays
+    """The claims a run's features decide alone (§4, Fig. A.3, A.4), undecided. `data`: aligned arrays
     ('score', 'relation' and every feature of analysis.features)."""
     s, rel = data["score"], data["relation"]
 
     def c(f: str, y=s, label: str | None = None) -> Corr:
         return correlate(label or f, data[f], y, rel, seed=seed)
 
-    top, bottom = bin_indicator(s, 1.0), bin_indicator(s, 0.0)
+    top = bin_indicator(s, 1.0)
     return [
         Directional("The base model's probability gap (top − gold) falls as the score rises (Fig. 3)", c("gap"), -1),
-        Directional("The base model's p(gold) rises with the score (A.3)", c("gold_prob"), +1),
-        Directional("The base model's rank of gold falls as the score rises (A.4)", c("gold_rank"), -1),
+        Directional("The base model's p(gold) rises with the score (Fig. A.3)", c("gold_prob"), +1),
+        Directional("The base model's rank of gold falls as the score rises (Fig. A.4)", c("gold_rank"), -1),
         Directional("The post-training improvement in p(gold) rises with the score (Fig. 3)", c("prob_gain"), +1),
         NoEffect("Passage perplexity and length are poor predictors of the score (§4.2)",
                  (c("passage_ppl"), c("passage_tokens"))),
@@ -275,8 +281,8 @@ def feature_claims(data: dict, seed: int = 0) -> list:
                     c("passage_ppl", top, "perplexity vs top bin"), +1),
         NoEffect("Weight norm and top singular value do not correlate with the score (§4.3)",
                  (c("fro_norm"), c("top_sv"))),
-        AllOf("The lowest score bin has higher ‖ΔW‖ and σ_max than the rest (Table 1, here per update)",
-              (Directional("‖ΔW‖", c("fro_norm", bottom), +1), Directional("σ_max", c("top_sv", bottom), +1))),
+        AllOf("The top score bin has slightly higher ‖ΔW‖ and σ_max than the rest (§4.3)",
+              (Directional("‖ΔW‖", c("fro_norm", top), +1), Directional("σ_max", c("top_sv", top), +1))),
     ]
 
 

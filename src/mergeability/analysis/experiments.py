@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats as st
 
-from mergeability.analysis.inference import Trend, clustered_slope, cochran_q
+from mergeability.analysis.inference import Trend, blocked_permutation_p, clustered_slope
 
 
 @dataclass(frozen=True)
@@ -30,48 +30,44 @@ def sign_test(a: Sequence[bool], b: Sequence[bool]) -> SignTest:
 
 @dataclass(frozen=True)
 class LocalityStats:
-    """§5.1 in numbers: per partner bin the fixed set's and the partners' accuracy; the repeated-measures test."""
+    """§5.1 in numbers. The unit is the merge: the fixed updates of one merge share its partner draw, so they are
+    not independent of each other. Per merge, the fixed set's accuracy; per partner bin, the means."""
 
     bins: list[float]
     merges: list[int]  # merges per bin
     fixed_acc: list[float]
     partner_acc: list[float]
-    q: float  # Cochran's Q over blocks (fixed update, repeat) × bins (bins every block has)
-    q_p: float
-    trend: Trend  # slope of the fixed updates' outcomes on the partners' bin, clustered by fixed update
+    p: float  # blocked permutation test: equal fixed-set accuracy across bins, bins permuted within each fixed set
+    trend: Trend  # slope of the fixed set's per-merge accuracy on the partners' bin, merges resampled
     spread: float  # max − min of fixed_acc
     partner_mean: dict[str, float]  # each partner update's mean outcome over the merges it was a partner in
 
 
 def locality_stats(done: Sequence[tuple[dict, dict]], seed: int = 0) -> LocalityStats:
-    """`done`: (spec, result) per locality merge: spec has 'fixed' (ids), 'bin', 'rep', 'set'; result has
-    'correct' (member id -> 0/1)."""
-    fixed: list[tuple[str, int, float, int]] = []  # (fixed id, rep, bin, outcome)
+    """`done`: (spec, result) per locality merge: spec has 'fixed' (ids), 'bin', 'set'; result has 'correct'
+    (member id -> 0/1)."""
+    fixed_acc, bin_of, set_of, partner_acc = [], [], [], []
     partners: dict[str, list[int]] = {}
-    by_bin: dict[float, dict[str, list[float]]] = {}
     for spec, res in done:
-        c, b = res["correct"], spec["bin"]
-        d = by_bin.setdefault(b, {"fixed": [], "partners": [], "merges": []})
-        d["merges"].append(1)
-        for i, v in c.items():
-            if i in spec["fixed"]:
-                fixed.append((i, spec["rep"], b, v))
-                d["fixed"].append(v)
-            else:
-                partners.setdefault(i, []).append(v)
-                d["partners"].append(v)
-    bins = sorted(by_bin)
-    blocks: dict[tuple[str, int], dict[float, int]] = {}
-    for i, rep, b, v in fixed:
-        blocks.setdefault((i, rep), {})[b] = v
-    common = [b for b in bins if all(b in row for row in blocks.values())]
-    q, q_p = cochran_q(np.array([[row[b] for b in common] for row in blocks.values()], dtype=float))
-    trend = clustered_slope([f[2] for f in fixed], [f[3] for f in fixed], [f[0] for f in fixed], seed=seed)
-    fixed_acc = [float(np.mean(by_bin[b]["fixed"])) for b in bins]
-    return LocalityStats(bins, [len(by_bin[b]["merges"]) for b in bins], fixed_acc,
-                         [float(np.mean(by_bin[b]["partners"])) if by_bin[b]["partners"] else math.nan for b in bins],
-                         q, q_p, trend, max(fixed_acc) - min(fixed_acc) if fixed_acc else math.nan,
-                         {i: float(np.mean(v)) for i, v in partners.items()})
+        c = res["correct"]
+        fixed_acc.append(float(np.mean([c[i] for i in spec["fixed"]])))
+        bin_of.append(spec["bin"])
+        set_of.append(spec["set"])
+        others = [(i, v) for i, v in c.items() if i not in spec["fixed"]]
+        partner_acc.append(float(np.mean([v for _, v in others])) if others else math.nan)
+        for i, v in others:
+            partners.setdefault(i, []).append(v)
+    f, x = np.array(fixed_acc), np.array(bin_of)
+    bins = sorted(set(bin_of))
+    by_bin = [f[x == b] for b in bins]
+    means = [float(v.mean()) for v in by_bin]
+    return LocalityStats(
+        bins, [len(v) for v in by_bin], means,
+        [float(np.nanmean(np.array(partner_acc)[x == b])) for b in bins],
+        blocked_permutation_p(f, x, set_of, seed=seed),
+        clustered_slope(x, f, np.arange(len(f)), seed=seed),
+        max(means) - min(means) if means else math.nan,
+        {i: float(np.mean(v)) for i, v in partners.items()})
 
 
 @dataclass

@@ -174,30 +174,40 @@ def spearman_power(rho: float, n: int, alpha: float = 0.05) -> float:
     return float(st.norm.sf(zc - delta) + st.norm.cdf(-zc - delta))
 
 
-# ------------------------------------------------------------------ Cochran's Q
+# ------------------------------------------------------------------ a blocked permutation test
 
 
-def cochran_q(outcomes: Sequence[Sequence[float]]) -> tuple[float, float]:
-    """Cochran's Q for k related 0/1 outcomes (rows = blocks, columns = conditions), p from χ² with k − 1 dof:
+def _between_ss(y: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """Between-group sum of squares of each row of y (rows = permutations), groups given by `codes` (0 … k−1)."""
+    sums = np.zeros((y.shape[0], k))
+    for g in range(k):
+        sums[:, g] = y[:, codes == g].sum(1)
+    counts = np.bincount(codes, minlength=k).astype(float)
+    return (sums**2 / np.where(counts > 0, counts, np.inf)).sum(1)
 
-        Q = (k − 1) [k Σ_j C_j² − N²] / (k N − Σ_i R_i²)
 
-    with column sums C_j, row sums R_i and total N. A block that is all 0 or all 1 adds nothing to either side (the
-    numerator only sees the spread of the C_j), as it should: it says nothing about which condition is better. Rows
-    with a NaN (an incomplete block) are dropped. (nan, nan) for fewer than two conditions or no informative block."""
-    x = np.asarray(outcomes, dtype=float)
-    if x.ndim != 2:
-        raise ValueError(f"outcomes must be a blocks × conditions table, got shape {x.shape}")
-    x = x[~np.isnan(x).any(1)]
-    if not np.isin(x, (0.0, 1.0)).all():
-        raise ValueError("outcomes must be 0/1")
-    k = x.shape[1]
-    rows, cols = x.sum(1), x.sum(0)
-    den = float((rows * (k - rows)).sum())  # = kN − ΣR², zero iff no block is informative
-    if k < 2 or den == 0:
-        return NAN_CI
-    q = (k - 1) * (k * float((cols**2).sum()) - float(rows.sum()) ** 2) / den
-    return float(q), float(st.chi2.sf(q, k - 1))
+def blocked_permutation_p(values: Sequence[float], groups: Sequence, blocks: Sequence, *, n_perm: int = 2000,
+                          seed: int = 0) -> float:
+    """p-value of "the groups (e.g. partner bins) have equal means", with the group labels permuted within each
+    block (e.g. a fixed set, whose own difficulty is the same in every group): a repeated-measures test that needs
+    no normality. Statistic: the between-group sum of squares of the block-centred values. p = (1 + #{perm ≥
+    observed}) / (1 + n_perm). NaN with fewer than two groups."""
+    y, g, c = np.asarray(values, dtype=float), np.asarray(groups), np.asarray(blocks)
+    _, codes = np.unique(g, return_inverse=True)
+    k = int(codes.max()) + 1 if len(codes) else 0
+    if k < 2:
+        return math.nan
+    centred = y.copy()
+    for blk in np.unique(c):
+        centred[c == blk] -= centred[c == blk].mean()
+    rng = np.random.default_rng(seed)
+    perms = np.tile(centred, (n_perm, 1))
+    for blk in np.unique(c):
+        idx = np.flatnonzero(c == blk)
+        perms[:, idx] = rng.permuted(np.tile(centred[idx], (n_perm, 1)), axis=1)
+    obs = _between_ss(centred[None, :], codes, k)[0]
+    null = _between_ss(perms, codes, k)
+    return float((1 + np.sum(null >= obs - 1e-12)) / (1 + n_perm))
 
 
 # ------------------------------------------------------------------ clustered trend and equivalence

@@ -8,7 +8,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mergeability.estimate import sample_apart
+from mergeability.errors import MergeabilityError
+from mergeability.estimate import group_of, sample_apart
 from mergeability.experiments.context import REPEATS, Context, kept_updates, main_scores, run_merge_sets
 
 FIXED_SETS = 4  # disjoint fixed sets: more fixed updates, so the repeated-measures test has units to count
@@ -23,18 +24,22 @@ def by_bin(sc: dict[str, float], M: int) -> dict[int, list[str]]:
 
 
 def fixed_sets(rng: random.Random, sc: dict[str, float], size: int, groups) -> list[list[str]]:
-    """Up to FIXED_SETS disjoint sets of `size` top-score updates (no two of a set share a group). The top bin
-    when it can fill two sets per set drawn (so partners for that bin remain), else the best-ranked updates."""
+    """Up to FIXED_SETS disjoint sets of `size` updates, no two of a set sharing a group: as many sets as the top
+    score bin can fill twice over (so partners for that bin remain), at least one; drawn from the top bin first,
+    then down the ranking where the top bin's subjects run out."""
     ranked = sorted(sc, key=lambda i: (-sc[i], i))
     top = [i for i in ranked if sc[i] == sc[ranked[0]]]
-    candidates = top if len(top) >= 2 * size else ranked[: 2 * size]
+    order = rng.sample(top, len(top)) + ranked[len(top):]
     sets: list[list[str]] = []
-    for _ in range(max(1, min(FIXED_SETS, len(candidates) // (2 * size)))):
-        left = [i for i in candidates if not any(i in s for s in sets)]
-        drawn = sample_apart(rng, left, size, groups)
-        if len(drawn) < size:
-            break
-        sets.append(sorted(drawn))
+    for _ in range(max(1, min(FIXED_SETS, len(top) // (2 * size)))):
+        used = {i for s in sets for i in s}
+        drawn: list[str] = []
+        for i in order:
+            if i not in used and group_of(groups, i) not in {group_of(groups, j) for j in drawn}:
+                drawn.append(i)
+            if len(drawn) == size:
+                sets.append(sorted(drawn))
+                break
     return sets
 
 
@@ -53,7 +58,7 @@ def units(cfg, sc: dict[str, float], groups: dict[str, str] | None = None) -> li
         for n, fixed_set in enumerate(sets):
             for rep in range(REPEATS):
                 partners = sample_apart(rng, pool, n_partners, groups, avoid=fixed_set)
-                if len(partners) < max(1, n_partners // 2):  # too few of this bin to form a group
+                if len(partners) < n_partners:  # a smaller merge interferes less: this bin cannot be compared
                     continue
                 spec = {"set": n, "fixed": fixed_set, "bin": k / cfg.merge.trials, "rep": rep,
                         "merge": [*fixed_set, *partners]}
@@ -85,4 +90,8 @@ class Locality:
     kind = "examples"
 
     def run(self, ctx: Context, console) -> None:
+        planned = units(ctx.cfg, main_scores(ctx, kept_updates(ctx)), ctx.groups())
+        if not planned:
+            raise MergeabilityError(f"{ctx.run_dir}: too few kept updates of distinct subjects to form a fixed set and "
+                                    f"partner groups of {ctx.cfg.merge.partners + 1} members; raise --items")
         run_member_sets(ctx, self.name, units, console)

@@ -8,7 +8,18 @@ from pathlib import Path
 import numpy as np
 
 from mergeability import run
-from mergeability.analysis.claims import ALPHA, Corr, Directional, NoEffect, Verdict, decide, not_run, pooled_only
+from mergeability.analysis.claims import (
+    ALPHA,
+    AllOf,
+    Corr,
+    Directional,
+    NoEffect,
+    Verdict,
+    correlate,
+    decide,
+    not_run,
+    pooled_only,
+)
 from mergeability.analysis.stats import per_bin, spearman
 from mergeability.analysis.summary import task_summary, task_summary_rows
 from mergeability.errors import MergeabilityError
@@ -88,10 +99,12 @@ def threshold_section(cfg, store, figdir: Path) -> tuple[Sections, dict]:
     return out, corrs
 
 
-def task_claims(corr: dict, degr, sweep_corr: dict, experiment_claims: dict) -> list[Verdict]:
+def task_claims(d: dict, corr: dict, degr, sweep_corr: dict, experiment_claims: dict) -> list[Verdict]:
     """The claims table of a task-level run, decided (Holm across it). Tasks have no relation to stratify by."""
     def c(f: str) -> Corr:
         return pooled_only(f, corr[f])
+
+    lowest = (d["score"] < 1 / N_BINS).astype(float)  # Table 1's lowest bin against all others
 
     return decide([
         Directional("Tasks the base model knows better are more mergeable (Fig. 4)", c("base_acc"), +1),
@@ -100,6 +113,9 @@ def task_claims(corr: dict, degr, sweep_corr: dict, experiment_claims: dict) -> 
         Directional("Longer contexts go with higher scores (A.6)", c("prompt_tokens"), +1),
         NoEffect("Weight norm and top singular value do not correlate with the score (Table 1)",
                  (c("fro_norm"), c("top_sv"))),
+        AllOf("The lowest score bin has higher ‖ΔW‖ and σ_max than the rest (Table 1)",
+              (Directional("‖ΔW‖", correlate("‖ΔW‖ vs lowest bin", d["fro_norm"], lowest), +1),
+               Directional("σ_max", correlate("σ_max vs lowest bin", d["top_sv"], lowest), +1))),
         _thresholds_claim(sweep_corr),
         experiment_claims.get("weighted") or not_run("Base-accuracy weighting raises weak tasks' retained accuracy "
                                                      "with little loss on strong tasks (§6, Fig. 7)", "weighted"),
@@ -122,7 +138,7 @@ def build_task_report(run_dir: Path, cfg, store):
     out = feature_sections(cfg, d, corr, degr, figdir)
     sweep, sweep_corr = threshold_section(cfg, store, figdir)
     out.extend(sweep).extend(weighted_section(store, figdir))
-    claims = task_claims(corr, degr, sweep_corr, out.claims)
+    claims = task_claims(d, corr, degr, sweep_corr, out.claims)
     summary = task_summary_rows(task_summary(cfg, store, pools[cfg.data.threshold]))
     m = cfg.merge
     settings = [["method", m.method], ["method parameters", str(m.params)], ["M (trials)", str(m.trials)],
