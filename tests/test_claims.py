@@ -203,7 +203,7 @@ def test_locality_units_are_the_papers_design():
         assert len(s["merge"]) == cfg.merge.partners + 1 and len(set(s["merge"])) == len(s["merge"])
         partners = [i for i in s["merge"] if i not in s["fixed"]]
         assert all(main[i] == s["bin"] for i in partners) and not set(partners) & {i for f in sets for i in f}
-    assert len(units) == 3 * 4 * 3  # sets × bins × repeats
+    assert len(units) == 3 * 4 * locality.REPEATS  # sets × bins × repeats
 
 
 @pytest.mark.parametrize("name, n, fixed_acc, verdict", [

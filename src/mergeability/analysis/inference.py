@@ -1,7 +1,8 @@
 """Inference that respects the design: rank correlation within strata (so a shared confound such as the relation
 cannot manufacture a correlation), multiplicity correction, cluster bootstrap (repeated rows of one unit are not
-independent evidence), power of a Spearman test, Cochran's Q on paired 0/1 outcomes, and a clustered trend with an
-equivalence check. Pure functions of their numbers, deterministic under `seed`, known-answer tested."""
+independent evidence), power of a Spearman test, a repeated-measures permutation test (labels permuted within
+block), and a clustered trend with an equivalence check. Pure functions of their numbers, deterministic under
+`seed`, known-answer tested."""
 
 from __future__ import annotations
 

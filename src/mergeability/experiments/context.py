@@ -17,7 +17,7 @@ from mergeability.pipelines import PIPELINES, worker_setup
 from mergeability.pipelines.examples import subjects
 from mergeability.pipelines.stages import trials_stage
 
-REPEATS = 3  # random draws per setting of the merge-set experiments
+REPEATS = 3  # random draws per setting of the groups experiment (locality sets its own)
 
 
 @dataclass
