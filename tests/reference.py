@@ -60,7 +60,7 @@ def ref_ties(updates, weights, density=0.2, per_module=False, lam=1.0):
     return ref_ties_blocks(blocks, weights, density, per_module, lam)
 
 
-def ref_knots(updates, weights, inner="ties", density=0.2, per_module=False, lam=1.0, rtol=1e-7):
+def ref_knots(updates, weights, inner="ties", density=1.0, per_module=False, lam=1.0, rtol=1e-7):
     """Dense SVD of [w_1 ΔW_1 | … | w_n ΔW_n] per module; R_i = Σ V_iᵀ; merge; U · R."""
     names = sorted({n for u in updates for n in u.modules})
     bases, blocks = {}, [{} for _ in updates]

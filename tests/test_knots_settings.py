@@ -23,7 +23,7 @@ from mergeability.report.knots_settings import knots_settings_section, setting_s
 from mergeability.store import Store
 
 QUIET = Console(quiet=True)
-OTHERS = [(0.2, 0.5), (1.0, 0.5), (1.0, 1.0)]  # the default grid less the run's own setting (0.2, 1.0)
+OTHERS = [(0.2, 0.5), (0.2, 1.0), (1.0, 0.5)]  # the default grid less the run's own setting (1.0, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,9 @@ def test_registered_with_the_official_and_default_settings():
 
 
 @pytest.mark.parametrize("merge, skipped", [
-    (MergeConfig(), (0.2, 1.0)),  # defaults filled in: {} is density 0.2, λ 1.0
-    (MergeConfig(params={"lam": 1.0}), (0.2, 1.0)),
+    (MergeConfig(), (1.0, 1.0)),  # defaults filled in: {} is density 1.0, λ 1.0
+    (MergeConfig(params={"lam": 1.0}), (1.0, 1.0)),
+    (MergeConfig(params={"density": 0.2}), (0.2, 1.0)),
     (MergeConfig(params={"density": 1.0, "lam": 0.5}), (1.0, 0.5)),  # the official KnOTS setting
     (MergeConfig(params={"density": 1.0, "lam": 0.5, "inner": "mean"}), None),  # another KnOTS: nothing skipped
     (MergeConfig(method="ties"), None),
@@ -163,7 +164,7 @@ def test_report_section_tables_and_figure(runs, tmp_path):
     main = run.example_scores(cfg, store)
     labels = [setting_label(d, lam) for d, lam in KnotsSettings().grid()]
     settings = setting_scores(cfg, store, sorted(main))
-    assert list(settings) == labels and settings["d=0.2, λ=1.0"] == main
+    assert list(settings) == labels and settings["d=1.0, λ=1.0"] == main
     sec = knots_settings_section(cfg, store, main, load_features(store, main), tmp_path)
     dist, corr = sec.tables
     assert dist.title == "Score distribution by KnOTS setting" and dist.columns == ["score", *labels]
@@ -187,7 +188,7 @@ def test_report_section_is_empty_without_other_settings(runs, tmp_path):
     main = run.example_scores(cfg, store)
     sec = knots_settings_section(cfg, store, main, load_features(store, main), tmp_path)
     assert not sec.tables and not sec.figures and not sec.claims
-    assert list(setting_scores(cfg, store, sorted(main))) == ["d=0.2, λ=1.0"]
+    assert list(setting_scores(cfg, store, sorted(main))) == ["d=1.0, λ=1.0"]
 
 
 @pytest.mark.parametrize("params, match", [
