@@ -257,3 +257,16 @@ def test_study_runs_every_experiment_its_claims_need(tiny_model_dir, dataset, tm
     store = Store(run / "results.sqlite")
     assert len(store.trial_keys()) == 4  # the run's own, N/2, TIES, mean
     store.close()
+
+
+def test_locality_refuses_a_run_where_no_fixed_set_forms(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    from mergeability.experiments import locality, run_experiment
+
+    run = tmp_path / "run"
+    run_examples(cfg_for(tiny_model_dir, dataset), run, console=QUIET)
+    monkeypatch.setattr(locality, "units", lambda cfg, sc, groups=None: [])  # e.g. every top update one subject
+    with pytest.raises(MergeabilityError, match="too few kept updates of distinct subjects"):
+        run_experiment("locality", run, QUIET)
+    store = Store(run / "results.sqlite")
+    assert store.experiment_rows("locality") == {}
+    store.close()

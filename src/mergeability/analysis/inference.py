@@ -199,12 +199,11 @@ def blocked_permutation_p(values: Sequence[float], groups: Sequence, blocks: Seq
     if k < 2:
         return math.nan
     centred = y.copy()
-    for blk in np.unique(c):
-        centred[c == blk] -= centred[c == blk].mean()
     rng = np.random.default_rng(seed)
-    perms = np.tile(centred, (n_perm, 1))
+    perms = np.empty((n_perm, len(y)))
     for blk in np.unique(c):
         idx = np.flatnonzero(c == blk)
+        centred[idx] -= centred[idx].mean()
         perms[:, idx] = rng.permuted(np.tile(centred[idx], (n_perm, 1)), axis=1)
     obs = _between_ss(centred[None, :], codes, k)[0]
     null = _between_ss(perms, codes, k)

@@ -1,7 +1,7 @@
 """KnOTS settings chosen on purpose: the run's trials again, with the same partners, under a grid of KnOTS's
-trimming density and scaling λ. The package's defaults (density 0.2, λ 1.0) were nobody's choice; the official
-KnOTS configuration for Llama LoRAs is no trimming (density 1.0, topK 100 %) and λ 0.5. The default grid holds
-both, and the two mixed settings between them."""
+trimming density and scaling λ. The official KnOTS configuration for Llama LoRAs is no trimming (density 1.0,
+topK 100 %) and λ 0.5; the package's earlier default was density 0.2, λ 1.0. The default grid holds both, and the
+two mixed settings between them (the evidence behind today's defaults: merging/knots.py, README)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def setting_label(density: float, lam: float) -> str:
 
 def is_own_setting(merge, density: float, lam: float) -> bool:
     """Whether the run's own trials (its `merge` config section) are already this setting: method knots with
-    the same resolved parameters once defaults are filled in (so {} is density 0.2, λ 1.0)."""
+    the same resolved parameters once defaults are filled in (so {} is Knots' default density and λ)."""
     if merge.method != METHOD:
         return False
     return get_method(METHOD, **merge.params) == get_method(METHOD, **setting_params(density, lam))

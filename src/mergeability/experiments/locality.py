@@ -37,9 +37,11 @@ def fixed_sets(rng: random.Random, sc: dict[str, float], size: int, groups) -> l
     for _ in range(max(1, min(FIXED_SETS, len(top) // (2 * size)))):
         used = {i for s in sets for i in s}
         drawn: list[str] = []
+        taken: set = set()  # the groups of `drawn`
         for i in order:
-            if i not in used and group_of(groups, i) not in {group_of(groups, j) for j in drawn}:
+            if i not in used and group_of(groups, i) not in taken:
                 drawn.append(i)
+                taken.add(group_of(groups, i))
             if len(drawn) == size:
                 sets.append(sorted(drawn))
                 break
@@ -93,8 +95,11 @@ class Locality:
     kind = "examples"
 
     def run(self, ctx: Context, console) -> None:
-        planned = units(ctx.cfg, main_scores(ctx, kept_updates(ctx)), ctx.groups())
-        if not planned:
-            raise MergeabilityError(f"{ctx.run_dir}: too few kept updates of distinct subjects to form a fixed set and "
-                                    f"partner groups of {ctx.cfg.merge.partners + 1} members; raise --items")
-        run_member_sets(ctx, self.name, units, console)
+        def planned(cfg, sc, groups) -> list[tuple[str, dict]]:
+            out = units(cfg, sc, groups)
+            if not out:
+                raise MergeabilityError(f"{ctx.run_dir}: too few kept updates of distinct subjects to form a fixed set "
+                                        f"and partner groups of {cfg.merge.partners + 1} members; raise --items")
+            return out
+
+        run_member_sets(ctx, self.name, planned, console)

@@ -126,9 +126,7 @@ def _paired(label: str, a: tuple[str, list[bool]], b: tuple[str, list[bool]]) ->
 
 
 def weaker_methods_claim(own: str, own_top: list[bool], mean_top: list[bool]) -> Paired:
-    t = sign_test(own_top, mean_top)
-    return Paired(EXPERIMENT_CLAIMS["weaker_methods"][0],
-                  f"at 1.0: mean {np.mean(mean_top):.0%} vs {own} {np.mean(own_top):.0%}", t.more, t.fewer, t.p)
+    return _paired(EXPERIMENT_CLAIMS["weaker_methods"][0], (own, own_top), ("mean", mean_top))
 
 
 def _complete(store, name: str, units) -> list[tuple[dict, dict]] | None:
@@ -139,14 +137,13 @@ def _complete(store, name: str, units) -> list[tuple[dict, dict]] | None:
 
 
 def locality_section(cfg, store, main, figdir, data) -> Sections:
-    """§5.1, Fig. 5: the fixed high-score sets' accuracy and the partners' across partner bins. Reads the merges
-    the experiment recorded (their keys are their specs), once it has recorded every one it plans."""
+    """§5.1, Fig. 5: the fixed high-score sets' accuracy and the partners' across partner bins, once the experiment
+    has recorded every merge it plans."""
     out = Sections()
-    rows = store.experiment_rows("locality")
-    planned = locality.units(cfg, main, _groups(data))
-    if not planned or any(k not in rows for k, _ in planned):
+    done = _complete(store, "locality", locality.units(cfg, main, _groups(data)))
+    if done is None:
         return out
-    t = locality_stats([(spec, rows[k]) for k, spec in planned], seed=cfg.seed)
+    t = locality_stats(done, seed=cfg.seed)
     out.tables.append(Table("Locality: fixed sets of top-score updates merged with partners from each bin "
                             "(§5.1, Fig. 5)", ["partner bin", "merges", "fixed-set accuracy", "partner accuracy"],
                             [[f"{x:.2f}", str(n), f"{a:.3f}", f"{b:.3f}"]

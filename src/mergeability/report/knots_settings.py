@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from mergeability import run
+from mergeability.analysis.claims import correlate
 from mergeability.analysis.features import FEATURES
-from mergeability.analysis.inference import stratified_spearman
-from mergeability.analysis.stats import spearman
 from mergeability.experiments.knots_settings import KnotsSettings, is_own_setting, setting_label, settings_key
 from mergeability.report.document import Sections, Table, fmt
 from mergeability.report.figures import lines_figure
@@ -54,10 +53,9 @@ def correlation_table(settings: dict[str, dict[str, float]], data: dict, seed: i
     for label, s in settings.items():
         y = np.array([s[i] for i in data["id"]], dtype=float)
         for f in CORRELATED:
-            pooled = spearman(data[f], y, seed=seed)
-            within = stratified_spearman(data[f], y, data["relation"], seed=seed)
-            rows.append([label, FEATURES[f][0], fmt(pooled.rho), fmt(pooled.p, 2), fmt(within.rho), fmt(within.p, 2),
-                         str(pooled.n)])
+            c = correlate(f, data[f], y, data["relation"], seed=seed)
+            rows.append([label, FEATURES[f][0], fmt(c.pooled.rho), fmt(c.pooled.p, 2), fmt(c.within.rho),
+                         fmt(c.within.p, 2), str(c.pooled.n)])
     return Table("Correlations with the score under each KnOTS setting",
                  ["setting", "feature", "ρ", "p", "ρ within relation", "p within relation", "n"], rows)
 
