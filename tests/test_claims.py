@@ -28,9 +28,16 @@ from mergeability.analysis.features import FEATURES
 from mergeability.analysis.inference import Stratified, Trend, holm, spearman_power, spearman_power_n
 from mergeability.analysis.stats import Correlation, binomial_baseline, spearman
 from mergeability.config import from_flat
+from mergeability.errors import MergeabilityError
 from mergeability.estimate import params_key
 from mergeability.experiments import locality
-from mergeability.report.experiments import algorithms_claims, locality_section, other_partner_counts
+from mergeability.experiments.robustness import Robustness
+from mergeability.report.experiments import (
+    algorithms_claims,
+    locality_section,
+    other_partner_counts,
+    robustness_section,
+)
 from mergeability.report.tasks import task_claims
 from mergeability.store import Store
 
@@ -360,3 +367,40 @@ def test_task_level_lowest_bin_norms(shift, verdict):
     corr = {f: flat for f in ("base_acc", "answer_ppl", "prompt_tokens", "fro_norm", "top_sv")}
     claims = task_claims(d, corr, flat, {}, {})
     assert by_claim(claims, "The lowest score bin has higher ‖ΔW‖ and σ_max than the rest (Table 1)").verdict == verdict
+
+
+def test_robustness_scores_a_seeded_sample_of_the_updates():
+    updates = {f"u{i:03d}": None for i in range(100)}
+    sample = Robustness((5,), scored=40).sample(updates, seed=0)
+    assert len(sample) == len(set(sample)) == 40 and set(sample) <= set(updates) and sample == sorted(sample)
+    assert Robustness((5,), scored=40).sample(updates, seed=0) == sample  # resumes draw the same updates
+    assert Robustness((5,), scored=40).sample(updates, seed=1) != sample
+    assert Robustness((5,)).sample(updates, seed=0) == sorted(updates)
+    assert Robustness((5,), scored=200).sample(updates, seed=0) == sorted(updates)
+    with pytest.raises(MergeabilityError, match="scored"):
+        Robustness((5,), scored=3)
+
+
+def test_robustness_section_compares_a_sampled_n_on_the_updates_it_scored(tmp_path):
+    cfg = from_flat("examples", method="knots", trials=2, partners=10)
+    rng = np.random.default_rng(0)
+    ids = [f"u{i:03d}" for i in range(60)]
+    main = {i: float(rng.integers(0, 3)) / 2 for i in ids}
+    store = Store(tmp_path / "results.sqlite")
+    for i in ids:
+        for t in range(4):  # trials 1..2M at N=10, the run's key; N=25 only on the first 40 updates
+            key = params_key("knots", {"partners": 10})
+            store.add_trial({"target": i, "trial": t, "method": "knots", "params": key,
+                             "partners": [], "correct": int(main[i] >= t % 2 / 2), "probs": []})
+    for i in ids[:40]:
+        for t in range(2):
+            key = params_key("knots", {"partners": 25})
+            store.add_trial({"target": i, "trial": t, "method": "knots", "params": key,
+                             "partners": [], "correct": int(main[i] > 0), "probs": []})
+    data = {"id": np.array(ids), "relation": np.array(["r"] * 60), "subject": np.array(ids),
+            "score": np.array([main[i] for i in ids])}
+    out = robustness_section(cfg, store, main, tmp_path, data)
+    rows = {r[0]: r for r in out.tables[0].rows}
+    assert "N=10 vs N=25 (M=2, on 40 of 60 updates)" in rows
+    assert float(rows["N=10 vs N=25 (M=2, on 40 of 60 updates)"][1]) > 0.5
+    store.close()

@@ -22,7 +22,7 @@ from mergeability.analysis.claims import (
 from mergeability.analysis.experiments import locality_stats, sign_test
 from mergeability.analysis.stats import assign_bins
 from mergeability.estimate import params_key
-from mergeability.experiments import algorithms, groups, locality
+from mergeability.experiments import algorithms, groups, locality, robustness
 from mergeability.report.document import Sections, Table
 from mergeability.report.figures import lines_figure
 
@@ -58,10 +58,24 @@ def _corr(label: str, a: dict[str, float], b: dict[str, float], data: dict, seed
     return correlate(label, _aligned(a, data), _aligned(b, data), data["relation"], seed=seed)
 
 
+def _restrict(data: dict, keep) -> dict:
+    """`data`'s columns on the updates in `keep` only."""
+    mask = np.isin(np.asarray(data["id"]).astype(str), [str(i) for i in keep])
+    return {k: np.asarray(v)[mask] for k, v in data.items()}
+
+
+def _on(scores: dict, ids: list[str]) -> str:
+    """", on n of m updates" where `scores` covers a sample of the run's updates, else ""."""
+    return "" if len(scores) >= len(ids) else f", on {len(scores)} of {len(ids)} updates"
+
+
 def _bin_means(scores: dict[str, float], ids: list[str], bins, M: int) -> list[float]:
-    """Mean of `scores` over the updates of each main-run bin k = 0 … M (nan where a bin is empty)."""
-    return [float(np.mean([scores[i] for i, b in zip(ids, bins) if b == k])) if (bins == k).any() else math.nan
-            for k in range(M + 1)]
+    """Mean of `scores` over the updates of each main-run bin k = 0 … M that it scored (nan where none)."""
+    means = []
+    for k in range(M + 1):
+        vals = [scores[i] for i, b in zip(ids, bins) if b == k and i in scores]
+        means.append(float(np.mean(vals)) if vals else math.nan)
+    return means
 
 
 def algorithms_section(cfg, store, main, figdir, data) -> Sections:
@@ -215,11 +229,13 @@ def robustness_section(cfg, store, main, figdir, data) -> Sections:
     twice = run.scores(store, run.run_key(cfg), ids, M, first=M, complete=True)
     others = {n: run.scores(store, run.run_key(cfg, n), ids, M, complete=True)
               for n in other_partner_counts(cfg, store)}
-    others = {n: s for n, s in others.items() if set(ids) <= set(s)}
+    # an N may be scored on a sample of the updates (Robustness.scored): compared on the updates it scored
+    others = {n: s for n, s in others.items() if len(s) >= min(len(ids), robustness.MIN_SCORED)}
     if not set(ids) <= set(twice) or not others:
         return out
     corrs = {f"trials 1–{M} vs trials {M + 1}–{2 * M} (N={N})": _corr("M", main, twice, data, cfg.seed)}
-    corrs.update({f"N={N} vs N={n} (M={M})": _corr(f"N={n}", main, s, data, cfg.seed) for n, s in others.items()})
+    corrs.update({f"N={N} vs N={n} (M={M}{_on(s, ids)})": _corr(f"N={n}", main, s, _restrict(data, s), cfg.seed)
+                  for n, s in others.items()})
     out.tables.append(Table("Robustness of scores to M and N (A.13, A.14)", CORR_COLUMNS,
                             [_corr_row(label, c) for label, c in corrs.items()]))
     bins = assign_bins([main[i] for i in ids], M)
