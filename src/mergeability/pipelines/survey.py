@@ -1,0 +1,189 @@
+"""The task survey: per task of a pool, what one needs to know before choosing tasks for a task-level run — base
+and fine-tuned exact-match accuracy, the majority-class rate, the mean prompt length, and the accuracy of the
+adapter alone at each scale s of `SCALES`.
+
+Training and evaluation are the task pipeline's (`adapter_for`, `task_accuracy`): the same `TaskConfig` gives the
+same base and fine-tuned accuracy as `run tasks`. The adapter at scale s is s·ΔW (task arithmetic with λ = s on
+the adapter alone), so s = 1 is the fine-tuned accuracy itself. `max_train` caps the examples an adapter is trained
+on (the first of the train split; pool splits are shuffled, so a random sample).
+
+Majority-class rate: the accuracy of always giving the one answer that scores best, i.e. the largest share of
+the evaluated test items whose references include one answer (after the scorer's normalisation). A task whose
+base accuracy sits near it is solved by answering the majority, not by knowing anything.
+
+The output directory holds survey.json (the settings and the rows so far: what a resume reads), survey.csv and
+survey.md (the table) and updates/<task>/ (the trained adapters). The three files are rewritten atomically after
+every task, so a killed survey resumes at the first task without a row; a directory surveyed with other settings
+is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+
+from mergeability.atomic import write_text
+from mergeability.config import TaskConfig
+from mergeability.console import print_table, progress
+from mergeability.data.pools import load_pool
+from mergeability.data.tasks import Example, Task
+from mergeability.errors import MergeabilityError
+from mergeability.exact_match import normalize_answer
+from mergeability.merging.linear import TaskArithmetic
+from mergeability.models import load_model, module_name, num_layers
+from mergeability.pipelines.stages import write_scores
+from mergeability.pipelines.tasks import (
+    PreparedTasks,
+    adapter_for,
+    check_bases,
+    check_shapes,
+    task_accuracy,
+    test_examples,
+)
+
+SCALES = (0.1, 0.25, 0.5, 1.0)
+SCALE_COLUMNS = [f"acc_s{s:g}" for s in SCALES]
+COLUMNS = ["task", "n_train", "n_test", "majority_answer", "majority", "base_acc", "ft_acc", *SCALE_COLUMNS,
+           "prompt_tokens", "train_loss"]
+STATE = "survey.json"
+# What the console shows: a narrow table (a terminal or a log is 80 columns wide), tasks by their number.
+CONSOLE_COLUMNS = {"n_test": "n test", "majority": "maj.", "base_acc": "base", "ft_acc": "ft", "acc_s0.1": "s=.1",
+                   "acc_s0.25": "s=.25", "acc_s0.5": "s=.5", "prompt_tokens": "tokens"}
+
+
+def majority(examples: Sequence[Example]) -> tuple[str, float]:
+    """(answer, rate): the normalised answer that the most examples accept, and the share that accept it. Ties
+    go to the alphabetically first answer, so the result does not depend on the examples' order."""
+    if not examples:
+        raise MergeabilityError("no test examples: a majority rate needs at least one")
+    counts = Counter(a for e in examples for a in {normalize_answer(r) for r in e.outputs})
+    answer, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return answer, n / len(examples)
+
+
+def settings(cfg: TaskConfig, max_train: int | None) -> dict:
+    """What decides a survey's numbers: a resumed survey must have the same."""
+    m, d = cfg.model, cfg.data
+    return {"pool": d.pool, "model": m.name, "revision": m.revision, "dtype": m.dtype, "max_test": d.max_test,
+            "max_train": max_train, "max_new_tokens": d.max_new_tokens, "seed": cfg.seed,
+            "training": cfg.training.to_dict(), "train_size": d.train_size, "test_size": d.test_size}
+
+
+def read_state(out: Path, wanted: dict) -> list[dict]:
+    """The rows a survey in `out` already holds; [] for a new directory. Other settings are an error."""
+    path = out / STATE
+    if not path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise MergeabilityError(f"{out} exists and holds no {STATE}: give a new or empty --out for the survey")
+        return []
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        have, rows = state["settings"], state["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MergeabilityError(f"{path} is not a survey state file: delete it, or give another --out") from None
+    differ = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+    if differ:
+        raise MergeabilityError(f"{out} holds a survey with other settings ({', '.join(differ)}): give another --out, "
+                                "or the same settings to resume it")
+    return rows
+
+
+def markdown(columns: Sequence[str], rows: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_state(out: Path, wanted: dict, rows: list[dict]) -> None:
+    """survey.json, survey.csv and survey.md, each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / STATE, json.dumps({"settings": wanted, "rows": rows}, indent=1))
+    write_scores(out / "survey.csv", COLUMNS, rows)
+    write_text(out / "survey.md", markdown(COLUMNS, rows))
+
+
+def _base_model(adapter: Path) -> str | None:
+    try:
+        return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prepare_survey(cfg: TaskConfig) -> PreparedTasks:
+    """The pool and the model, checked before any work (as `run tasks` checks them)."""
+    d = cfg.data
+    sizes = {"train": d.train_size, "valid": max(1, d.test_size // 2), "test": d.test_size}  # the bundled suite's
+    tasks = load_pool(d.pool, d.tasks, seed=cfg.seed, sizes=sizes)
+    for t in tasks:
+        t.split("test")
+        if t.adapter is None:
+            t.split("train")
+    check_bases(((t.name, _base_model(t.adapter)) for t in tasks if t.adapter is not None), cfg.model.name)
+    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    layers = range(num_layers(lm.model)) if cfg.training.layers is None else cfg.training.layers
+    modules = [module_name(lm.model, layer, t) for layer in layers for t in cfg.training.targets]
+    check_shapes(tasks, lm.model, cfg.model.name)
+    return PreparedTasks(cfg, lm, tasks, modules)
+
+
+def survey_task(prep: PreparedTasks, task: Task, out: Path, max_train: int | None) -> dict:
+    """One task's row: base accuracy, an adapter (the pool's, or trained on at most `max_train` examples),
+    fine-tuned accuracy and accuracy at each scale, majority rate, mean prompt tokens."""
+    cfg, model, tok = prep.cfg, prep.lm.model, prep.lm.tokenizer
+    n_train = None
+    if task.adapter is None:
+        train = task.split("train")[:max_train]
+        task, n_train = replace(task, splits={**task.splits, "train": train}), len(train)
+    test = test_examples(cfg, task)
+    base_acc = task_accuracy(cfg, model, tok, task)[0]
+    update, loss, _, _ = adapter_for(prep, task, out)
+    ft_acc = task_accuracy(cfg, model, tok, task, update)[0]
+    scaled = {"acc_s1": ft_acc}  # s·ΔW alone; at s = 1 that is the fine-tuned model, already measured
+    for s in (s for s in SCALES if s != 1.0):
+        scaled[f"acc_s{s:g}"] = task_accuracy(cfg, model, tok, task, TaskArithmetic(lam=s).merge([update]))[0]
+    answer, rate = majority(test)
+    prompt_tokens = sum(len(tok(e.input).input_ids) for e in test) / len(test)
+    return {"task": task.name, "n_train": n_train, "n_test": len(test), "majority_answer": answer, "majority": rate,
+            "base_acc": base_acc, "ft_acc": ft_acc, **scaled, "prompt_tokens": prompt_tokens, "train_loss": loss}
+
+
+def run_survey(cfg: TaskConfig, out: Path, *, max_train: int | None = None,
+               console: Console | None = None) -> list[dict]:
+    """Survey every task of `cfg.data.pool` (or `cfg.data.tasks`) into `out`, resuming what is there; the rows."""
+    console = console or Console()
+    for flag, value in (("--max-train", max_train), ("--max-test", cfg.data.max_test)):
+        if value is not None and value < 1:
+            raise MergeabilityError(f"{flag} must be at least 1, got {value}")
+    wanted = settings(cfg, max_train)
+    rows = read_state(out, wanted)
+    prep = prepare_survey(cfg)
+    done = {r["task"] for r in rows}
+    with progress(console) as bars:
+        bar = bars.stage("survey", len(prep.tasks), len(done & {t.name for t in prep.tasks}))
+        for task in (t for t in prep.tasks if t.name not in done):
+            rows.append(survey_task(prep, task, out, max_train))
+            write_state(out, wanted, rows)
+            bar.advance()
+    names = [t.name for t in prep.tasks]
+    shown = sorted((r for r in rows if r["task"] in names), key=lambda r: names.index(r["task"]))
+    print_table(console, f"survey of {cfg.data.pool} on {cfg.model.name} (full names in {out / 'survey.md'})",
+                ["task", *CONSOLE_COLUMNS.values()], [_console_row(r) for r in shown])
+    return shown
+
+
+
+def _console_row(r: dict) -> list[str]:
+    cells = [f"{r[c]:.0f}" if c == "prompt_tokens" else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
+             for c in CONSOLE_COLUMNS]
+    return [r["task"].split("_", 1)[0], *cells]
