@@ -108,12 +108,14 @@ def test_bad_input_one_line_exit_2_nothing_written(adapters, tmp_path, capsys, c
 
 def test_existing_output_needs_force(adapters, tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep").write_text("x")
+    assert run_cli(["merge", *adapters, "--out", out], capsys)[0] == 0
     code, _, err = run_cli(["merge", *adapters, "--out", out], capsys)
-    assert code == 2 and "already exists" in err and (out / "keep").exists()
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(["merge", *adapters[:2], "--out", out, "--force"], capsys)
+    assert code == 0 and load_update(out).meta["merge"]["sources"] == [str(a) for a in adapters[:2]]
+    (out / "keep").write_text("x")  # a directory with the user's own files is never replaced
     code, _, err = run_cli(["merge", *adapters, "--out", out, "--force"], capsys)
-    assert code == 0 and not (out / "keep").exists() and (out / "adapter_config.json").exists()
+    assert code == 2 and "not an adapter this tool wrote" in err and (out / "keep").exists()
 
 
 def test_console_script_prints_no_traceback(tmp_path):

@@ -304,7 +304,6 @@ def test_an_old_store_resumes_to_the_same_scores(planted, tmp_path):
 
 
 def test_bad_per_subject_is_one_line(tiny_model_dir, tmp_path):
-    cfg = cfg_for(tiny_model_dir, "unused.jsonl", per_subject=0)
     with pytest.raises(MergeabilityError, match=re.escape("--per-subject must be at least 1")):
-        run_examples(cfg, tmp_path / "run", console=QUIET)
+        run_examples(cfg_for(tiny_model_dir, "unused.jsonl", per_subject=0), tmp_path / "run", console=QUIET)
     assert not (tmp_path / "run").exists()

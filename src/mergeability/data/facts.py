@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeability.errors import MergeabilityError
+from mergeability.errors import MergeabilityError, one_line
 
 REQUIRED = ("id", "subj", "prop", "obj", "s_pop", "question", "possible_answers")
 HUB_POPQA = "akariasai/PopQA"
@@ -48,6 +48,16 @@ def _fact_from_row(row: dict, where: str) -> Fact:
 
 
 def read_rows(path: Path) -> Iterable[tuple[int, dict]]:
+    """(row number, row) of a .tsv/.csv/.jsonl/.parquet file, each row a mapping of column to value. A file that
+    cannot be read (not UTF-8, a directory, no permission) or a JSON line that is not an object is a one-line error
+    here, for every reader (facts, passages, task splits)."""
+    try:
+        yield from _rows(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeabilityError(f"{path}: cannot read the file ({one_line(e)})") from None
+
+
+def _rows(path: Path) -> Iterable[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".csv"):
         with path.open(newline="", encoding="utf-8") as f:
@@ -57,24 +67,42 @@ def read_rows(path: Path) -> Iterable[tuple[int, dict]]:
             for i, line in enumerate(f, start=1):
                 if line.strip():
                     try:
-                        yield i, json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise MergeabilityError(f"{path}, row {i}: invalid JSON ({e.msg})") from None
+                    if not isinstance(row, dict):  # a bare number, string or list: every reader wants columns
+                        raise MergeabilityError(f"{path}, row {i}: expected a JSON object of columns, got "
+                                                f"{type(row).__name__} {line.strip()[:40]!r}")
+                    yield i, row
     elif suffix == ".parquet":
         try:
             import pandas as pd
         except ImportError:
             raise MergeabilityError("reading Parquet needs pandas and pyarrow: pip install pandas pyarrow") from None
-        yield from enumerate(pd.read_parquet(path).to_dict("records"), start=1)
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as e:  # pyarrow's errors are both kinds
+            raise MergeabilityError(f"{path}: cannot read the Parquet file ({one_line(e)})") from None
+        yield from enumerate(frame.to_dict("records"), start=1)
     else:
         raise MergeabilityError(f"{path}: unknown file type {suffix!r}: use .tsv, .csv, .jsonl or .parquet")
 
 
 def load_file(path: str | Path) -> list[Fact]:
+    """Every row of a PopQA-schema file as a Fact; a one-line error for a file that cannot be read, a row that
+    does not fit the schema, or an id used twice (ids key the run's store)."""
     path = Path(path)
     if not path.exists():
         raise MergeabilityError(f"{path}: no such dataset file")
-    facts = [_fact_from_row(row, f"{path}, row {i}") for i, row in read_rows(path)]
+    if not path.is_file():
+        raise MergeabilityError(f"{path} is a directory, not a dataset file")
+    facts: list[Fact] = []
+    first: dict[str, int] = {}
+    for i, row in read_rows(path):
+        facts.append(_fact_from_row(row, f"{path}, row {i}"))
+        if first.setdefault(facts[-1].id, i) != i:
+            raise MergeabilityError(f"{path}, row {i}: id {facts[-1].id!r} repeats row {first[facts[-1].id]}: "
+                                    "give every fact its own id")
     if not facts:
         raise MergeabilityError(f"{path}: the file has no rows")
     return facts

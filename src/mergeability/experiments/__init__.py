@@ -18,6 +18,7 @@ from mergeability.experiments.knots_settings import KnotsSettings
 from mergeability.experiments.locality import Locality
 from mergeability.experiments.robustness import Robustness
 from mergeability.experiments.weighted import Weighted
+from mergeability.run import run_config
 
 EXPERIMENTS: dict[str, type] = {
     "algorithms": Algorithms,
@@ -40,12 +41,12 @@ def run_experiment(experiment, run_dir: Path, console: Console | None = None, ov
     `overrides` (flat names: backend, ray_address, workers) change how it runs, not what."""
     if isinstance(experiment, str):
         experiment = get_experiment(experiment)
-    ctx = open_context(Path(run_dir), overrides or {})
-    if ctx.cfg.kind != experiment.kind:
-        ctx.store.close()
-        others = [n for n, c in EXPERIMENTS.items() if c.kind == ctx.cfg.kind]
-        raise MergeabilityError(f"{run_dir} is a {ctx.cfg.kind} run: {experiment.name} needs a {experiment.kind} "
+    kind = run_config(Path(run_dir)).kind  # reads only: a directory that is not a run, or of the wrong kind, is
+    if kind != experiment.kind:  # refused before the lock (or anything else) is written there
+        others = [n for n, c in EXPERIMENTS.items() if c.kind == kind]
+        raise MergeabilityError(f"{run_dir} is a {kind} run: {experiment.name} needs a {experiment.kind} "
                                 f"run (experiments for this run: {', '.join(others)})")
+    ctx = open_context(Path(run_dir), overrides or {})
     try:
         experiment.run(ctx, console or Console())
     finally:

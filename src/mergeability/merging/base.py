@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -71,3 +75,71 @@ def result(modules: dict, updates: Sequence[Update], method: str, params: dict, 
 
 def params_of(method) -> dict:
     return asdict(method)
+
+
+# ------------------------------------------------------------------------------------------- parameters
+# A method's parameters are checked when it is constructed (each method's __post_init__), so a bad one is found
+# where a run's config is read, not after its updates are trained.
+
+_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", None: "null"}
+
+
+def _kinds(tp) -> list:
+    """What an annotation allows, as plain types, None and ("literal", value): `float | None` -> [float, None]."""
+    if typing.get_origin(tp) is typing.Literal:
+        return [("literal", a) for a in typing.get_args(tp)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [k for a in typing.get_args(tp) for k in _kinds(a)]
+    return [None if tp is type(None) else tp]
+
+
+def _fits(kind, value) -> bool:
+    if isinstance(kind, tuple):
+        return type(value) is type(kind[1]) and value == kind[1]
+    if kind is None:
+        return value is None
+    if kind is float:  # an integer is a number; a bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _typed(method: str, key: str, value, tp):
+    kinds = _kinds(tp)
+    if float in kinds and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    for kind in kinds:
+        if _fits(kind, value):
+            return float(value) if kind is float else value
+    allowed = " or ".join(repr(k[1]) if isinstance(k, tuple) else _WORDS.get(k, getattr(k, "__name__", str(k)))
+                          for k in kinds)
+    raise MergeabilityError(f"{method}: {key} takes {allowed}, got {value!r}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def check_params(method) -> None:
+    """Every parameter of a method (a frozen dataclass) against its annotation, in place: a number is an int or a
+    float, never a bool, and is stored as a float; an integer is not a bool; a choice is one of its Literal's
+    values. A one-line error names the method, the parameter and what it takes. Ranges are each method's own."""
+    hints = _hints(type(method))
+    for f in dataclasses.fields(method):
+        value = _typed(method.name, f.name, getattr(method, f.name), hints[f.name])
+        object.__setattr__(method, f.name, value)  # frozen: set once, here, before anyone reads it
+
+
+def check_positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise MergeabilityError(f"{key} must be a finite number > 0, got {value:g}")
+
+
+def check_seed(value: int) -> None:
+    if not 0 <= value < 2**63:  # torch generators take 64-bit seeds
+        raise MergeabilityError(f"seed must be in [0, 2^63), got {value}")

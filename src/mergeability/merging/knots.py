@@ -13,7 +13,6 @@ is the obvious route (materialise every ΔW_i, SVD the out × n·in concatenatio
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,7 +21,16 @@ import torch
 from torch import Tensor
 
 from mergeability.errors import MergeabilityError
-from mergeability.merging.base import check_updates, check_weights, compute_dtype, params_of, result
+from mergeability.merging.base import (
+    check_params,
+    check_positive,
+    check_seed,
+    check_updates,
+    check_weights,
+    compute_dtype,
+    params_of,
+    result,
+)
 from mergeability.merging.ties import check_sparsify, disjoint_merge, sparsify
 from mergeability.updates import Dense, LowRank, Update
 
@@ -79,6 +87,14 @@ class Knots:
 
     name = "knots"
 
+    def __post_init__(self) -> None:
+        check_params(self)
+        check_sparsify(self.density, self.dare)
+        check_positive("lam", self.lam)
+        check_seed(self.seed)
+        if not 0.0 <= self.rtol < 1.0:
+            raise MergeabilityError(f"rtol must be in [0, 1), got {self.rtol:g}")
+
     def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
         return self._merge(updates, self._check(updates, weights), shared_basis)
 
@@ -91,11 +107,6 @@ class Knots:
                       params_of(self), w)
 
     def _check(self, updates: Sequence[Update], weights: Sequence[float] | None) -> list[float]:
-        if self.inner not in ("ties", "mean"):
-            raise MergeabilityError(f"knots inner merge must be 'ties' or 'mean', got {self.inner!r}")
-        check_sparsify(self.density, self.dare)
-        if not math.isfinite(self.lam):
-            raise MergeabilityError("lambda must be a finite number")
         w = check_weights(weights, len(updates))
         check_updates(updates)
         for u in updates:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mergeability.errors import MergeabilityError
-from mergeability.merging.base import check_updates, check_weights, compute_dtype, params_of, result
+from mergeability.merging.base import (
+    check_params,
+    check_positive,
+    check_updates,
+    check_weights,
+    compute_dtype,
+    params_of,
+    result,
+)
 from mergeability.updates import Dense, LowRank, Update
 
 
@@ -56,6 +62,10 @@ class TaskArithmetic:
 
     name = "task_arithmetic"
 
+    def __post_init__(self) -> None:
+        check_params(self)
+        check_positive("lam", self.lam)  # to negate an update, give it a negative weight
+
     def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
         return self._merge(updates, weights, dense=False)
 
@@ -64,8 +74,6 @@ class TaskArithmetic:
         return self._merge(updates, weights, dense=True)
 
     def _merge(self, updates: Sequence[Update], weights: Sequence[float] | None, dense: bool) -> Update:
-        if not math.isfinite(self.lam):
-            raise MergeabilityError("lambda must be a finite number")
         w = check_weights(weights, len(updates), nonnegative=False)
         coefs = [self.lam * x for x in w]
         return result(linear_combination(updates, coefs, dense), updates, self.name, params_of(self), w)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,7 +10,16 @@ import torch
 from torch import Tensor
 
 from mergeability.errors import MergeabilityError
-from mergeability.merging.base import check_updates, check_weights, compute_dtype, params_of, result
+from mergeability.merging.base import (
+    check_params,
+    check_positive,
+    check_seed,
+    check_updates,
+    check_weights,
+    compute_dtype,
+    params_of,
+    result,
+)
 from mergeability.updates import Dense, Update
 
 Blocks = dict[str, Tensor]  # one update's tensors, by module name
@@ -19,9 +27,9 @@ Blocks = dict[str, Tensor]  # one update's tensors, by module name
 
 def check_sparsify(density: float, dare: float | None) -> None:
     if not (0.0 < density <= 1.0):
-        raise MergeabilityError(f"density must be in (0, 1], got {density}")
+        raise MergeabilityError(f"density must be in (0, 1], got {density:g}")
     if dare is not None and not (0.0 <= dare < 1.0):
-        raise MergeabilityError(f"dare drop probability must be in [0, 1), got {dare}")
+        raise MergeabilityError(f"dare drop probability must be in [0, 1), got {dare:g}")
 
 
 def magnitude_threshold(x: Tensor, density: float) -> Tensor:
@@ -92,10 +100,13 @@ class Ties:
 
     name = "ties"
 
-    def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
+    def __post_init__(self) -> None:
+        check_params(self)
         check_sparsify(self.density, self.dare)
-        if not math.isfinite(self.lam):
-            raise MergeabilityError("lambda must be a finite number")
+        check_positive("lam", self.lam)
+        check_seed(self.seed)
+
+    def merge(self, updates: Sequence[Update], weights: Sequence[float] | None = None) -> Update:
         w = check_weights(weights, len(updates))
         check_updates(updates)
         dtype = compute_dtype(updates)

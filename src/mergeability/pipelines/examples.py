@@ -13,7 +13,7 @@ from rich.console import Console
 from mergeability import run
 from mergeability.analysis.summary import example_summary, example_summary_rows
 from mergeability.backends import check_backend
-from mergeability.config import ExampleConfig
+from mergeability.config import ExampleConfig, validate
 from mergeability.console import print_table, progress
 from mergeability.data import build_items, load_facts
 from mergeability.data.leakage import Taught, audit
@@ -21,10 +21,9 @@ from mergeability.data.passages import check_passage_source, with_passages
 from mergeability.data.sources import answer_pools
 from mergeability.engine import Engine
 from mergeability.errors import MergeabilityError
-from mergeability.merging import get_method
-from mergeability.models import load_model, module_name, num_layers
-from mergeability.pipelines.stages import Outcome, WorkerSetup, finish, safe_name, trials_stage
-from mergeability.scoring import NORMS, PlainScorer
+from mergeability.models import module_name, num_layers
+from mergeability.pipelines.stages import Outcome, WorkerSetup, finish, load_run_model, safe_name, trials_stage
+from mergeability.scoring import PlainScorer
 from mergeability.training import split_passage, train_update, train_updates_cached
 from mergeability.updates import save_update
 
@@ -41,6 +40,7 @@ class Prepared:
     items: list
     modules: list[str]
     scorer: object  # Engine or PlainScorer: .score([(item, update or None), ...]) -> [ItemScore]
+    sequences: dict  # item id -> its passage's training sequences (`training_sequences`)
 
     @property
     def engine(self) -> Engine | None:
@@ -48,28 +48,36 @@ class Prepared:
 
 
 def check_settings(cfg: ExampleConfig) -> None:
-    """The settings that need no data or model, checked first."""
+    """The settings that need no data or model, checked first: every value (`config.validate`, again: a config
+    built in Python reaches here unchecked), then what depends on two settings or on what is installed."""
+    validate(cfg)
     d, m, t = cfg.data, cfg.merge, cfg.training
-    if d.items <= 0:
-        raise MergeabilityError(f"--items must be at least 1, got {d.items}")
-    if d.per_subject < 1:
-        raise MergeabilityError(f"--per-subject must be at least 1 (1 = one question per subject), got {d.per_subject}")
-    if m.trials <= 0 or m.partners < 0:
-        raise MergeabilityError("--trials must be ≥ 1 and --partners ≥ 0")
     if m.partners >= d.items:
         raise MergeabilityError(f"--partners {m.partners} is larger than the pool: at most {d.items - 1} "
                                 f"other updates can exist with --items {d.items}")
     check_backend(cfg)
-    if cfg.engine not in ("fast", "plain"):
-        raise MergeabilityError(f"unknown engine {cfg.engine!r}: use fast or plain")
-    if d.norm not in NORMS:
-        raise MergeabilityError(f"unknown normalisation {d.norm!r}: use one of {', '.join(NORMS)}")
-    get_method(m.method, **m.params)
     check_passage_source(d.dataset, d.passages)  # before PopQA is downloaded from the hub
-    if t.update not in ("lora", "full"):
-        raise MergeabilityError(f"unknown update kind {t.update!r}: use lora or full")
     if t.update == "full" and m.method == "knots":
         raise MergeabilityError("knots needs low-rank (LoRA) updates: with --update full use --method ties or mean")
+
+
+def training_sequences(items, tokenizer, max_tokens: int) -> dict[str, list]:
+    """Each item's training sequences (its passage's non-empty lines, in windows of `max_tokens`), for every item:
+    any item the base model gets wrong is trained, so each must have text to train on, checked before the run
+    directory exists rather than after screening."""
+    out: dict[str, list] = {}
+    by_text: dict[str, list] = {}  # items about one subject share its passage: tokenise it once
+    for it in items:
+        text = it.fact.passage
+        if not text:
+            raise MergeabilityError(f"item {it.id} has no training passage: add a 'passage' column or pass --passages")
+        if text not in by_text:
+            by_text[text] = split_passage(tokenizer, text, max_tokens)
+        if not by_text[text]:
+            raise MergeabilityError(f"item {it.id}: its passage has no line of two or more tokens to train on: give "
+                                    f"subject {it.fact.subj!r} a longer passage")
+        out[it.id] = by_text[text]
+    return out
 
 
 def prepare_examples(cfg: ExampleConfig) -> Prepared:
@@ -84,14 +92,15 @@ def prepare_examples(cfg: ExampleConfig) -> Prepared:
     pools = answer_pools(d.dataset, {f.prop for f in facts})
     items = build_items(facts, pools=pools, n_options=d.n_options, k_shot=d.k_shot, distractors=d.distractors,
                         seed=cfg.seed)
-    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
+    lm = load_run_model(cfg.model)
     layer = num_layers(lm.model) // 2 if cfg.training.layer is None else cfg.training.layer
     modules = [module_name(lm.model, layer, t) for t in cfg.training.targets]
+    sequences = training_sequences(items, lm.tokenizer, cfg.training.max_tokens)
     if cfg.engine == "fast":
         scorer = Engine(lm.model, lm.tokenizer, modules, norm=d.norm, batch_rows=cfg.batch_rows)
     else:
         scorer = PlainScorer(lm.model, lm.tokenizer, norm=d.norm)
-    return Prepared(cfg, lm, items, modules, scorer)
+    return Prepared(cfg, lm, items, modules, scorer, sequences)
 
 
 def example_evaluator(prep: Prepared):
@@ -129,14 +138,7 @@ def training_batches(prep: Prepared, wrong: list[str]) -> tuple[list[list[str]],
 
     Batches have fixed members (passages with equal numbers of sequences, in run order), so a resumed run
     trains a half-recorded batch exactly as the uninterrupted run did."""
-    by_id = {it.id: it for it in prep.items}
-    seqs = {}
-    for i in wrong:
-        if not by_id[i].fact.passage:
-            raise MergeabilityError(f"item {i} has no training passage: add a 'passage' column")
-        seqs[i] = split_passage(prep.lm.tokenizer, by_id[i].fact.passage, prep.cfg.training.max_tokens)
-        if not seqs[i]:
-            raise MergeabilityError(f"item {i}: its passage has no line of two or more tokens to train on")
+    seqs = {i: prep.sequences[i] for i in wrong}  # checked in the prepare step: every item has some
     step = prep.cfg.training.batch if prep.engine is not None else 1
     batches: list[list[str]] = []
     for i in sorted(wrong, key=lambda i: len(seqs[i])):  # stable: run order within equal lengths
@@ -224,7 +226,7 @@ def score_rows(cfg: ExampleConfig, store, pool: list[str], leaking: set[str] = f
 def run_examples(cfg: ExampleConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
     """Screen → train → trials → scores.csv. Returns the summary."""
     console = console or Console()
-    out = run.check_new(out, resume)
+    out = run.check_new(out, resume, cfg)  # a run of another kind is refused before the model loads
     timings = run.Timings()
     with timings.stage("load"):
         prep = prepare_examples(cfg)  # all bad input is found here, before the run directory exists

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from mergeability.atomic import atomic_file
 from mergeability.backends import pool_for
+from mergeability.errors import MergeabilityError, one_line
 from mergeability.estimate import plan_trials, run_trials
+from mergeability.models import LoadedModel, load_model
 from mergeability.store import Store
 
 
@@ -38,6 +40,17 @@ class WorkerSetup:
     def __call__(self):
         cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, threads=None))
         return self.evaluator(self.prepare(cfg))  # a worker keeps the threads its backend gave it
+
+
+def load_run_model(m) -> LoadedModel:
+    """The run's model and tokenizer (`m`: the config's model section), loaded in the prepare step; a checkpoint
+    transformers cannot read becomes one line."""
+    try:
+        return load_model(m.name, dtype=m.dtype, device=m.device, revision=m.revision)
+    except (OSError, ValueError) as e:
+        if isinstance(e, MergeabilityError):
+            raise
+        raise MergeabilityError(f"cannot load model {m.name!r}: {one_line(e)}") from None
 
 
 def trials_stage(cfg, store: Store, setup: WorkerSetup, evaluate, updates: Mapping, targets: Sequence[str],

@@ -15,14 +15,13 @@ from rich.console import Console
 from mergeability import run
 from mergeability.analysis.summary import per_task_rows, task_summary
 from mergeability.backends import check_backend
-from mergeability.config import TaskConfig
+from mergeability.config import TaskConfig, validate
 from mergeability.console import print_table, progress
 from mergeability.data.pools import load_pool
 from mergeability.errors import MergeabilityError
 from mergeability.exact_match import evaluate_task
-from mergeability.merging import get_method
-from mergeability.models import get_module, load_model, module_name, num_layers
-from mergeability.pipelines.stages import Outcome, WorkerSetup, finish, safe_name, trials_stage
+from mergeability.models import get_module, module_name, num_layers
+from mergeability.pipelines.stages import Outcome, WorkerSetup, finish, load_run_model, safe_name, trials_stage
 from mergeability.training import answer_perplexity, train_task_update
 from mergeability.updates import load_update, save_update
 
@@ -70,12 +69,8 @@ def check_shapes(tasks, model, model_name: str) -> None:
 
 def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
     """Check the settings, load the pool and the model: all bad input is found here."""
+    validate(cfg)  # every value, the method included (again: a config built in Python reaches here unchecked)
     d, m = cfg.data, cfg.merge
-    if not 0.0 <= d.threshold <= 1.0 or any(not 0.0 <= t <= 1.0 for t in d.sweep):
-        raise MergeabilityError(f"--threshold must be in [0, 1], got {d.threshold}")
-    if m.trials <= 0 or m.partners < 0:
-        raise MergeabilityError("--trials must be ≥ 1 and --partners ≥ 0")
-    get_method(m.method, **m.params)
     check_backend(cfg)
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
@@ -89,7 +84,7 @@ def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
     if m.partners >= len(tasks):
         raise MergeabilityError(f"--partners {m.partners} is larger than the pool: at most {len(tasks) - 1} other "
                                 f"tasks can exist with {len(tasks)} tasks")
-    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
+    lm = load_run_model(cfg.model)
     layers = range(num_layers(lm.model)) if cfg.training.layers is None else cfg.training.layers
     modules = [module_name(lm.model, layer, t) for layer in layers for t in cfg.training.targets]
     check_shapes(tasks, lm.model, cfg.model.name)
@@ -194,7 +189,7 @@ def score_rows(cfg: TaskConfig, store, pool: list[str]) -> list[dict]:
 def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict:
     """Tasks → threshold pools → trials → scores.csv. Returns the summary."""
     console = console or Console()
-    out = run.check_new(out, resume)
+    out = run.check_new(out, resume, cfg)  # a run of another kind is refused before the model loads
     timings = run.Timings()
     with timings.stage("load"):
         prep = prepare_tasks(cfg)  # all bad input is found here, before the run directory exists

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mergeability import run
 from mergeability.analysis.claims import Verdict
+from mergeability.errors import MergeabilityError
 from mergeability.report.examples import build_example_report
 from mergeability.report.tasks import build_task_report
 
@@ -15,7 +17,12 @@ BUILDERS = {"examples": build_example_report, "tasks": build_task_report}
 def build_report(run_dir: Path) -> tuple[Path, list[Verdict]]:
     """Write figures/, report.html and report.md into the run directory; return the HTML path and the claims."""
     run_dir = Path(run_dir)
-    cfg, store = run.open_run(run_dir, lock=False)  # a report may be drawn while a run is live
+    cfg, store = run.open_run(run_dir, lock=False)  # read-only: a report may be drawn while a run is live
+    unwritable = [p for p in (run_dir, run_dir / "figures") if p.exists() and not os.access(p, os.W_OK | os.X_OK)]
+    if unwritable:  # found before any figure is drawn, so nothing is left half-written
+        store.close()
+        raise MergeabilityError(f"cannot write the report into {unwritable[0]} (permission denied): copy the run "
+                                "to a directory you may write in, and report on the copy")
     try:
         return BUILDERS[cfg.kind](run_dir, cfg, store)
     finally:
