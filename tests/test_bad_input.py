@@ -324,9 +324,23 @@ class Env:
         return str(self.root / name)
 
     def read_only(self, rel: str) -> str:
+        """A read-only directory; as root (who writes through permissions) the permission check is made to see
+        what it sees for a user, as tests/test_safety.py does."""
         self.mkdir(rel)
-        (self.root / rel).chmod(0o555)
+        self.deny_writes(rel)
         return rel
+
+    def deny_writes(self, rel: str) -> None:
+        """Make `rel` and everything in it read-only (as root: as the permission check sees it)."""
+        path = self.root / rel
+        if IS_ROOT:
+            real = os.access
+            self._request.getfixturevalue("monkeypatch").setattr(
+                os, "access", lambda p, mode, **kw: False if mode & os.W_OK and str(Path(p).absolute()).startswith(
+                    str(path)) else real(p, mode, **kw))
+            return
+        for p in (path, *path.rglob("*")):
+            p.chmod(0o555 if p.is_dir() else 0o444)
 
 
 NO_TOKENIZER = ("tokenizer*", "special_tokens_map.json")
@@ -357,7 +371,6 @@ class Case:
     id: str
     build: Callable[[Env], list[str]]  # makes the inputs, returns the command line
     expect: Callable | None = None  # (env, result, before, after) -> None: a valid odd input's result; None: rejected
-    needs_permissions: bool = False  # needs a read-only directory, which root writes through
 
 
 def _resolve(env: Env, parts) -> list[str]:
@@ -617,8 +630,7 @@ def merge_cases_paths() -> list[Case]:
         C("merge/force-our-merge-holding-a-user-file", after(lambda e: (_ours(e), e.write("ours/notes.txt", "x")),
                                                              "merge", "a0", "a1", "--out", "ours", "--force")),
         C("merge/out-under-a-read-only-dir", after(lambda e: (pair(e), e.read_only("ro")),
-                                                   "merge", "a0", "a1", "--out", "ro/merged"),
-          needs_permissions=True),
+                                                   "merge", "a0", "a1", "--out", "ro/merged")),
         C("merge/ok-force-replaces-our-own-merge", after(_ours, "merge", "a0", "a1", "--out", "ours", "--force",
                                                          "--method", "ties"),
           expect=_merged_into("ours", lambda u: u.meta["merge"]["method"] == "ties")),
@@ -735,8 +747,7 @@ def popqa_cases_paths() -> list[Case]:
         C("popqa/resume-a-user-dir", popqa("--resume", out=lambda e: e.mkdir("user", "notes.txt"))),
         C("popqa/resume-a-garbage-store", popqa("--resume", out=lambda e: e.broken_run("r", b"not a database"))),
         C("popqa/resume-a-corrupt-config", popqa("--resume", out=lambda e: e.run_dir("r", config="kind: [x"))),
-        C("popqa/out-under-a-read-only-dir", popqa(out=lambda e: e.read_only("ro") + "/run"),
-          needs_permissions=True),
+        C("popqa/out-under-a-read-only-dir", popqa(out=lambda e: e.read_only("ro") + "/run")),
         C("popqa/model-without-tokenizer", popqa(lambda e: [
             "--model", e.model(without=NO_TOKENIZER), "--items", "20", "--layer", "1", "--rank", "4",
             "--partners", "2"])),
@@ -868,7 +879,7 @@ def run_cases() -> list[Case]:
                                                        "--sweep", "a,b")),
         C("experiment/weighted-unknown-method", exp("weighted", lambda e: e.run_dir("r", "tasks"),
                                                     "--methods", "soup")),
-        C("experiment/a-read-only-run", exp("algorithms", _read_only_run), needs_permissions=True),
+        C("experiment/a-read-only-run", exp("algorithms", _read_only_run)),
         C("report/missing-dir", rep(lambda e: "nope")),
         C("report/a-file", rep(lambda e: e.write("f.txt", "mine"))),
         C("report/a-user-dir", rep(lambda e: e.mkdir("user", "notes.txt"))),
@@ -913,8 +924,7 @@ def _config_a_directory(e: Env) -> str:
 
 def _read_only_run(e: Env) -> str:
     e.run_dir("r")
-    for p in (e.root / "r", *(e.root / "r").iterdir()):
-        p.chmod(0o555 if p.is_dir() else 0o444)
+    e.deny_writes("r")
     return "r"
 
 
@@ -963,8 +973,6 @@ assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, tmp_path, monkeypatch, capfd, request, guards):
     """One `error:` line, exit 2, no traceback, the tree unchanged; or a valid odd input's documented result."""
-    if case.needs_permissions and IS_ROOT:
-        pytest.skip("root writes through read-only permissions")
     root = tmp_path / "cwd"
     root.mkdir()
     monkeypatch.chdir(root)

@@ -59,6 +59,16 @@ def check_new(out: Path, resume: bool, cfg=None, *, same_config: bool = False) -
     return out
 
 
+def check_writable(run_dir: Path, what: str) -> None:
+    """Refuse, before anything is written, a run whose directory, store or figures cannot be written: `what`
+    (an experiment, the report) would fail half-way with a permission error."""
+    paths = (run_dir, run_dir / STORE, run_dir / "figures")
+    unwritable = [p for p in paths if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))]
+    if unwritable:
+        raise MergeabilityError(f"cannot write {what} into {unwritable[0]} (permission denied): copy the run to a "
+                                "directory you may write in, and use the copy")
+
+
 def is_run(path: Path) -> bool:
     """Whether `path` is (or was begun as) a run directory: `create` writes the store and the config first."""
     return (path / CONFIG).exists() or (path / STORE).exists()

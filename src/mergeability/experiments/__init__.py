@@ -18,7 +18,7 @@ from mergeability.experiments.knots_settings import KnotsSettings
 from mergeability.experiments.locality import Locality
 from mergeability.experiments.robustness import Robustness
 from mergeability.experiments.weighted import Weighted
-from mergeability.run import run_config
+from mergeability.run import check_writable, run_config
 
 EXPERIMENTS: dict[str, type] = {
     "algorithms": Algorithms,
@@ -46,6 +46,7 @@ def run_experiment(experiment, run_dir: Path, console: Console | None = None, ov
         others = [n for n, c in EXPERIMENTS.items() if c.kind == kind]
         raise MergeabilityError(f"{run_dir} is a {kind} run: {experiment.name} needs a {experiment.kind} "
                                 f"run (experiments for this run: {', '.join(others)})")
+    check_writable(Path(run_dir), f"experiment {experiment.name}")
     ctx = open_context(Path(run_dir), overrides or {})
     try:
         experiment.run(ctx, console or Console())

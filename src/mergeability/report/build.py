@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from mergeability import run
@@ -18,11 +17,11 @@ def build_report(run_dir: Path) -> tuple[Path, list[Verdict]]:
     """Write figures/, report.html and report.md into the run directory; return the HTML path and the claims."""
     run_dir = Path(run_dir)
     cfg, store = run.open_run(run_dir, lock=False)  # read-only: a report may be drawn while a run is live
-    unwritable = [p for p in (run_dir, run_dir / "figures") if p.exists() and not os.access(p, os.W_OK | os.X_OK)]
-    if unwritable:  # found before any figure is drawn, so nothing is left half-written
+    try:
+        run.check_writable(run_dir, "the report")  # before any figure is drawn: nothing left half-written
+    except MergeabilityError:
         store.close()
-        raise MergeabilityError(f"cannot write the report into {unwritable[0]} (permission denied): copy the run "
-                                "to a directory you may write in, and report on the copy")
+        raise
     try:
         return BUILDERS[cfg.kind](run_dir, cfg, store)
     finally:
