@@ -943,7 +943,8 @@ FIELDS = {
     },
     "tasks": {
         "data.train_size": set(), "data.test_size": set(), "data.max_test": {"null"}, "data.eval_batch": set(),
-        "data.max_new_tokens": {"null"}, "data.threshold": {"0"}, "training.rank": set(), "training.alpha": FLOATS,
+        "data.max_new_tokens": {"null"}, "data.max_tasks": {"null"}, "data.threshold": {"0"}, "training.rank": set(),
+        "training.alpha": FLOATS,
         "training.lr": FLOATS, "training.epochs": set(), "training.batch_size": set(), "merge.trials": set(),
         "merge.partners": {"0"},
     },

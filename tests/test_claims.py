@@ -364,7 +364,7 @@ def test_task_level_lowest_bin_norms(shift, verdict):
     low = score < 0.2
     d = {"score": score, "fro_norm": rng.normal(10, 1, n) + shift * low, "top_sv": rng.normal(8, 1, n) + shift * low}
     flat = spearman(rng.random(n), score)
-    corr = {f: flat for f in ("base_acc", "answer_ppl", "prompt_tokens", "fro_norm", "top_sv")}
+    corr = {f: flat for f in ("base_acc", "answer_ppl", "train_tokens", "fro_norm", "top_sv")}
     claims = task_claims(d, corr, flat, {}, {})
     assert by_claim(claims, "The lowest score bin has higher ‖ΔW‖ and σ_max than the rest (Table 1)").verdict == verdict
 

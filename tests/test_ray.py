@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import ray  # part of the test extra: pip install -e .[test]
+import torch
 from rich.console import Console
 
-from conftest import cfg_for, make_pool, run_cli, task_cfg_for
+from conftest import cfg_for, make_pool, random_update, run_cli, task_cfg_for
 from mergeability.errors import MergeabilityError
 
 # A Ray test waits inside Ray's C++ (ray.wait/get), out of reach of pytest-timeout's SIGALRM: the thread method
@@ -108,10 +109,17 @@ def test_ray_backend_task_run_is_identical(tiny_model_dir, tmp_path, local_ray):
 def test_ray_backend_weighted_experiment_is_identical(tiny_model_dir, tmp_path, local_ray, monkeypatch):
     from mergeability import backends
     from mergeability.experiments import Weighted, run_experiment
+    from mergeability.experiments.weighted import SCALE_NAME, scales
     from mergeability.pipelines import run_tasks
     from mergeability.store import Store
+    from mergeability.updates import save_update
 
     pool = make_pool(tmp_path / "pool", tiny_model_dir, n_weak=3, n_strong=3)
+    shapes = {f"model.layers.{i}.self_attn.{m}": (32 if m == "q_proj" else 16, 32) for i in range(2)
+              for m in ("q_proj", "k_proj", "v_proj")}
+    for k in (4, 5, 6):  # near-zero adapters for the strong tasks: trained ones unlearn them, and §6 drops those
+        null = random_update(shapes, 2, scale=1e-6, seed=k, base=str(tiny_model_dir), dtype=torch.float32)
+        save_update(null, pool / "adapters" / f"adapter-task{k}")
     quiet = Console(quiet=True)
     run_tasks(task_cfg_for(tiny_model_dir, pool, trials=1, partners=1), tmp_path / "run", console=quiet)
     spec = Weighted(sets=2, low=1, high=1, temperature=0.5, sweep=(), methods=("mean", "knots"))
@@ -129,9 +137,12 @@ def test_ray_backend_weighted_experiment_is_identical(tiny_model_dir, tmp_path, 
         shutil.copytree(tmp_path / "run", d)
         run_experiment(spec, d, quiet, {"backend": backend, "workers": 2})
         store = Store(d / "results.sqlite", lock=False)
-        rows[backend] = store.experiment_rows("weighted")
+        rows[backend] = store.experiment_rows("weighted") | store.experiment_rows(SCALE_NAME)
+        used = {n for w, s in store.get_meta("weighted_plan")["sets"] for n in w + s}
         store.close()
-    assert rows["ray"] == rows["local"] and len(rows["ray"]) == len(jobs) == 2 * 2 * 2
+    # 2 sets × 2 methods × (plain, weighted), and each task used alone at each scale below 1
+    assert used and rows["ray"] == rows["local"]
+    assert len(rows["ray"]) == len(jobs) == 2 * 2 * 2 + len(scales(spec)) * len(used)
 
 
 # The pool's failure modes, on plain functions (no model): each must be one line, and quick. The setups and jobs

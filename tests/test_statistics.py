@@ -12,11 +12,9 @@ from scipy import stats as st
 
 from mergeability.analysis.claims import decide
 from mergeability.analysis.experiments import retention_changes, sign_test
-from mergeability.analysis.inference import cluster_bootstrap_ci
 from mergeability.analysis.stats import bootstrap_ci
 from mergeability.experiments import weighted
 from mergeability.report.experiments import weaker_methods_claim
-from mergeability.report.weighted import weighted_section
 from mergeability.store import Store
 
 # ------------------------------------------------------------------ sign_test (§5.2: weaker methods at 1.0)
@@ -70,11 +68,12 @@ SPEC = weighted.Weighted(sets=8, low=2, high=2, temperature=0.5, sweep=(2.0,), m
 def retention_run(tmp_path, weak_delta, strong_delta):
     """A real store holding every unit of the weighted experiment on TASKS: each task's accuracy after the plain
     merge is its base accuracy; after a weighted merge of set s it moves by weak_delta(s) or strong_delta(s).
-    Returns (store, the expected change in retained accuracy per (method, T))."""
+    Returns (store, the expected change in retained accuracy per (method, T)). The verdicts, with the gates they
+    need, are tests/test_weighted.py's."""
     store = Store(tmp_path / "results.sqlite")
     for name, row in TASKS.items():
         store.add_task(dict(name=name, path=f"tasks/{name}", **row))
-    sets = weighted.task_sets({n: r["base_acc"] for n, r in TASKS.items()}, SPEC, seed=0)
+    sets = weighted.task_sets([f"t{k}" for k in range(4)], [f"t{k}" for k in range(4, 8)], SPEC, seed=0)
     expected: dict[tuple[str, float], dict[str, list[float]]] = {}
     for key, u in weighted.units(SPEC, sets):
         acc = {n: TASKS[n]["base_acc"] for n in u["weak"] + u["strong"]}
@@ -85,17 +84,15 @@ def retention_run(tmp_path, weak_delta, strong_delta):
                     acc[n] += delta(u["set"])
                     e[group].append(delta(u["set"]) / TASKS[n]["ft_acc"])
         store.add_experiment("weighted", key, {"acc": acc, "weights": None})
-    store.set_meta("weighted_spec", {"temperature": SPEC.temperature, "low": SPEC.low, "high": SPEC.high})
     return store, expected
 
 
-@pytest.mark.parametrize("name, weak, strong, verdict", [
-    ("weak gain, strong kept", lambda s: 0.2, lambda s: -0.02, "supported"),
-    ("weak lose", lambda s: -0.2, lambda s: 0.1, "contradicted"),
-    ("weak gain, strong collapse", lambda s: 0.2, lambda s: -0.4, "inconclusive"),  # the claim's 2nd half fails
-    ("noise", lambda s: (0.15, -0.15)[s % 2], lambda s: 0.0, "inconclusive"),
+@pytest.mark.parametrize("name, weak, strong", [
+    ("weak gain, strong kept", lambda s: 0.2, lambda s: -0.02),
+    ("weak lose", lambda s: -0.2, lambda s: 0.1),
+    ("noise", lambda s: (0.15, -0.15)[s % 2], lambda s: 0.0),
 ])
-def test_retention_changes_and_verdict(tmp_path, name, weak, strong, verdict):
+def test_retention_changes(tmp_path, name, weak, strong):
     store, expected = retention_run(tmp_path, weak, strong)
     rows, tasks = store.experiment_rows("weighted"), {r["name"]: r for r in store.task_rows()}
     changes = retention_changes(rows, tasks)
@@ -106,12 +103,9 @@ def test_retention_changes_and_verdict(tmp_path, name, weak, strong, verdict):
         # the lists follow the sets in order: compare element by element, not just their means
         np.testing.assert_allclose(r.weak, e["weak"], rtol=1e-9)
         np.testing.assert_allclose(r.strong, e["strong"], rtol=1e-9)
-    main = next(r for r in changes if r.method == "mean" and r.T == SPEC.temperature)
-    v = weighted_section(store, tmp_path).claims["weighted"]
-    assert v.verdict == verdict, (name, v)
-    assert len(main.weak_tasks) == len(main.weak) and set(main.weak_tasks) <= set(tasks)
-    cw = cluster_bootstrap_ci(main.weak, main.weak_tasks)  # tasks recur across sets: clustered by task
-    assert f"clustered by task: weak [{cw[0]:+.3f}, {cw[1]:+.3f}]" in v.evidence
+        # each value knows its task (tasks recur across sets: CIs cluster by them) and its set (the paired unit)
+        assert r.weak_sets == sorted(r.weak_sets) and set(r.weak_sets) == set(range(SPEC.sets))
+        assert len(r.weak_tasks) == len(r.weak) and set(r.weak_tasks) <= set(tasks)
 
 
 def test_retention_bootstrap_ci_agrees_with_scipy(tmp_path):

@@ -1,4 +1,5 @@
-"""`run tasks` end to end on a tiny model and a local pool, its resume, its bad input, and the weighted experiment."""
+"""`run tasks` end to end on a tiny model and a local pool, its resume and its bad input (the weighted experiment on
+such a run: tests/test_weighted.py)."""
 
 import json
 import sqlite3
@@ -72,32 +73,6 @@ def test_threshold_sweep_scores_each_distinct_pool(tiny_model_dir, pool, tmp_pat
     assert len({tuple(v) for v in pools.values()}) == len(pools)  # an identical pool is not scored twice
     keys = db.execute("SELECT COUNT(DISTINCT params) FROM trials").fetchone()[0]
     assert keys == len(pools)
-
-
-def test_weighted_experiment_raises_weak_tasks_retention(tiny_model_dir, tmp_path):
-    """A synthetic pool: weak tasks the base model gets wrong, strong ones it already gets right. Weighting by
-    base accuracy must keep measurably more of the weak tasks than plain averaging does."""
-    import numpy as np
-
-    from mergeability.analysis.experiments import retention_changes
-    from mergeability.experiments import Weighted, run_experiment
-    from mergeability.report.weighted import weighted_section
-
-    pool = make_pool(tmp_path / "pool", tiny_model_dir, n_weak=4, n_strong=4)
-    out = tmp_path / "run"
-    run_tasks(cfg_for(tiny_model_dir, pool, trials=1, partners=1), out, console=QUIET)
-    run_experiment(Weighted(sets=4, low=1, high=2, temperature=0.1, sweep=(1.0,), methods=("mean", "ties")), out,
-                   QUIET)
-    store = Store(out / "results.sqlite", lock=False)
-    tasks = {r["name"]: r for r in store.task_rows()}
-    assert {n: r["base_acc"] for n, r in tasks.items() if "weak" in n} == {f"task00{k}_weak": 0.0 for k in range(1, 5)}
-    assert all(r["base_acc"] == 1.0 for n, r in tasks.items() if "strong" in n)
-    changes = {(r.method, r.T): r for r in retention_changes(store.experiment_rows("weighted"), tasks)}
-    assert set(changes) == {("mean", 0.1), ("mean", 1.0), ("ties", 0.1)}
-    assert np.mean(changes[("mean", 0.1)].weak) > 0.2  # weak tasks keep more …
-    assert np.mean(changes[("mean", 0.1)].strong) > -0.2  # … at little cost to the strong ones
-    assert weighted_section(store, tmp_path).claims["weighted"].verdict == "supported"
-    store.close()
 
 
 def test_bad_task_input_is_one_line_and_writes_nothing(tiny_model_dir, pool, tmp_path, capsys):

@@ -45,7 +45,7 @@ COMMAND = {EXAMPLES: "run popqa", TASKS: "run tasks"}
 TASKS_PRESET = "bundled"  # what `run tasks` runs without --preset, --config, or a --pool other than bundled
 NONE_MEANS = {  # what None means for the flags whose config default is None
     "passages": "the dataset's own", "relations": "all", "layer": "the middle one", "tasks": "all",
-    "max_test": "all", "ray_address": "start a local one", "workers": "one per GPU, or per CPU",
+    "max_test": "all", "max_tasks": "no cap", "ray_address": "start a local one", "workers": "one per GPU, or per CPU",
 }
 RUNS_OWN = "the run's own"  # flags of commands on an existing run: its config.yaml supplies what they leave out
 
@@ -278,8 +278,13 @@ def run_tasks_cmd(
         help=f"{TASKS_PRESET} (default without --config, and with no --pool or --pool bundled) | "
              "lots-of-loras")] = None,
     pool: Annotated[Optional[str], configured(
-        "bundled | hub (Lots-of-LoRAs) | a local pool directory.", TASKS)] = None,
+        "bundled | hub (Lots-of-LoRAs) | natural-instructions | a local pool directory.", TASKS)] = None,
     tasks: Annotated[Optional[str], configured("Comma-separated task names or numbers.", TASKS)] = None,
+    max_tasks: Annotated[Optional[int], configured(
+        "Take at most the first N tasks by number (--pool hub needs this or --tasks).", TASKS)] = None,
+    train_missing: Annotated[Optional[bool], typer.Option(
+        "--train-missing/--skip-missing", help="--pool hub: train adapters for the datasets that have none, or "
+        "skip them with a note.", show_default=FromConfig(TASKS))] = None,
     model: Model = None,
     threshold: Annotated[Optional[float], configured("Keep tasks with fine-tuned accuracy ≥ this.", TASKS)] = None,
     trials: Trials = None,
@@ -306,7 +311,7 @@ def run_tasks_cmd(
     cfg = override(load_config(config, preset, kind="tasks"), pool=pool, model=model, threshold=threshold,
                    trials=trials, partners=partners, method=method, rank=rank, max_test=max_test, device=device,
                    dtype=dtype, seed=seed, backend=backend, ray_address=ray_address, workers=workers,
-                   tasks=_split(tasks))
+                   tasks=_split(tasks), max_tasks=max_tasks, train_missing=train_missing)
     # deferred for start time: the pipelines load torch (seconds), which --help and usage errors do not need
     from mergeability.pipelines import run_tasks
     from mergeability.report.build import build_report
@@ -338,9 +343,11 @@ def experiment(
     name: Annotated[str, typer.Argument(help="algorithms | robustness | locality | groups | knots-settings "
                                              "(example level); weighted (task level)")],
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.", exists=True, file_okay=False)],
-    sets: Annotated[int, typer.Option(help="weighted: random task sets.")] = 8,
-    low: Annotated[int, typer.Option(help="weighted: tasks per set from the weaker half by base accuracy.")] = 2,
-    high: Annotated[int, typer.Option(help="weighted: tasks per set from the stronger half.")] = 2,
+    sets: Annotated[int, typer.Option(
+        help="weighted: distinct task sets (all of them when there are fewer; else a seeded sample).")] = 40,
+    low: Annotated[int, typer.Option(help="weighted: weak tasks per set (base ≤ 0.1, fine-tuned ≥ threshold).")] = 2,
+    high: Annotated[int, typer.Option(
+        help="weighted: strong tasks per set (base ≥ 0.8 and above the majority rate, fine-tuned ≥ threshold).")] = 2,
     temperature: Annotated[float, typer.Option(help="weighted: T of softmax((1 - acc)/T) for every method.")] = 0.5,
     sweep: Annotated[str, typer.Option(help="weighted: other T values, tried with the mean merge.")] = "0.1,0.25,1,2",
     methods: Annotated[str, typer.Option(help="weighted: merge methods to weight.")] = "mean,ties,knots",
@@ -412,6 +419,8 @@ def tasks_survey_cmd(
         help="Evaluate at most this many test examples per task.", show_default="all")] = None,
     max_train: Annotated[Optional[int], typer.Option(
         help="Train each adapter on at most this many examples of the train split.", show_default="all")] = None,
+    max_tasks: Annotated[Optional[int], typer.Option(
+        help="Survey at most this many tasks, the first by task number.", show_default="no cap")] = None,
     device: Device = None,
     dtype: Dtype = None,
     seed: Seed = None,
@@ -424,7 +433,7 @@ def tasks_survey_cmd(
     from mergeability.pipelines.survey import run_survey
 
     cfg = override(load_config(None, None, kind="tasks"), pool=pool, tasks=_split(tasks), model=model,
-                   max_test=max_test, device=device, dtype=dtype, seed=seed)
+                   max_test=max_test, max_tasks=max_tasks, device=device, dtype=dtype, seed=seed)
     out = out or Path("runs") / f"survey-{safe_name(Path(pool).name or pool)}"
     run_survey(cfg, out, max_train=max_train, console=console)
     console.print(f"wrote {out / 'survey.csv'} and {out / 'survey.md'}")

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS experiments (
 );
 CREATE TABLE IF NOT EXISTS tasks (
     name TEXT PRIMARY KEY, path TEXT, base_acc REAL, ft_acc REAL, base_correct TEXT, ft_correct TEXT, n_test INTEGER,
-    train_loss REAL, answer_ppl REAL, prompt_tokens REAL, fro_norm REAL, top_sv REAL
+    train_loss REAL, answer_ppl REAL, prompt_tokens REAL, fro_norm REAL, top_sv REAL, train_tokens REAL
 );
 CREATE TABLE IF NOT EXISTS trials (
     target TEXT, trial INTEGER, method TEXT, params TEXT, partners TEXT, correct INTEGER, probs TEXT,
@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS trials (
 # column added to one is added here too, and an older run still opens and resumes.
 _MIGRATIONS: dict[int, list[str]] = {
     1: ["ALTER TABLE updates ADD COLUMN passage TEXT"],  # the training text of each update (leakage audit)
+}
+# Columns added within a schema version: nullable, so a store without one reads as before (the value is missing,
+# None) and an older version of this tool still reads and resumes a store that has one. A writer adds them to a
+# store that lacks them. table -> (column, SQL type).
+_ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "tasks": [("train_tokens", "REAL")],  # the training context length (paper A.6)
 }
 
 
@@ -81,6 +87,17 @@ class Store:
         elif version != SCHEMA_VERSION:
             self.close()
             raise _newer(self.path, version)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """The `_ADDED_COLUMNS` a store written before them lacks, each added in its own transaction."""
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in have:
+                    with self.db:
+                        self.db.execute("BEGIN")
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _migrate(self, version: int) -> None:
         """Bring an older store up to SCHEMA_VERSION, each step in one transaction (a kill leaves it as it was)."""

@@ -233,17 +233,29 @@ def train_updates_cached(
 # ---------------------------------------------------------------- task adapters (Lots-of-LoRAs style)
 
 
+def task_sequence(tokenizer, example) -> tuple[list[int], int]:
+    """(token ids, prompt length) of one training example as a task adapter is trained on it: prompt + ' ' +
+    first reference + EOS; the tokens after the prompt are the answer the loss (and the answer perplexity) scores."""
+    p = tokenizer(example.input).input_ids
+    a = tokenizer(" " + example.outputs[0], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return p + a, len(p)
+
+
+def training_tokens(tokenizer, examples) -> float:
+    """The training context length of a task (paper A.6): the mean tokens of its training sequences, prompt,
+    answer and EOS, exactly as `task_batches` builds them."""
+    if not examples:
+        raise ValueError("no training examples: a training context length needs at least one")
+    return sum(len(task_sequence(tokenizer, e)[0]) for e in examples) / len(examples)
+
+
 def task_batches(tokenizer, examples, batch_size: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """(ids, attention mask, labels) per step: prompt + ' ' + first reference + EOS, right-padded; labels are
-    -100 on the prompt and the padding, so the loss is on the answer only."""
+    """(ids, attention mask, labels) per step: `task_sequence` rows, right-padded; labels are -100 on the prompt
+    and the padding, so the loss is on the answer only."""
     out = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for s in range(0, len(examples), batch_size):
-        rows = []
-        for e in examples[s : s + batch_size]:
-            p = tokenizer(e.input).input_ids
-            a = tokenizer(" " + e.outputs[0], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            rows.append((p + a, len(p)))
+        rows = [task_sequence(tokenizer, e) for e in examples[s : s + batch_size]]
         T = max(len(ids) for ids, _ in rows)
         ids = pad_rows([seq for seq, _ in rows], pad, T)
         mask = padding_mask([len(seq) for seq, _ in rows], T)
@@ -293,7 +305,9 @@ def _answer_nll(model: nn.Module, steps, n_ans, plain: bool) -> float:
 
 
 def answer_perplexity(model: nn.Module, tokenizer, examples, batch_size: int = 8) -> float:
-    """Perplexity of the first references given their prompts, under the model as it is (a difficulty feature)."""
+    """Perplexity of the answers given their prompts, under the model as it is (paper A.5 with the base model):
+    exp of the mean negative log-likelihood over every answer token of `examples` — each one's first reference
+    and the EOS that ends it (`task_sequence`); prompt tokens are context, never scored."""
     steps, n_ans = _answer_steps(model, tokenizer, examples, batch_size)
     return math.exp(_answer_nll(model, steps, n_ans, plain=False) / sum(n_ans))
 

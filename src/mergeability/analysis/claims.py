@@ -31,6 +31,13 @@ DETECT = 0.2  # an inconclusive correlation states the n that would detect |ρ| 
 POWER = 0.8  # ... with this power at ALPHA
 MARGIN = 0.2  # locality: a change in accuracy across the partners' whole score range still "stable"
 MIN_MERGES = 6  # locality: "stable" needs at least this many merges in each of at least 3 partner bins
+ROOM = 0.1  # §6 gate (a): weak adapters alone must, on average, gain this much retained accuracy between the share
+# a plain merge gives them and the most that weights can give them: less, and weighting has nothing to recover
+LITTLE = 0.1  # §6: "little loss" on strong tasks = a loss of retained accuracy smaller than this
+
+# What a claim can be found to be. "not testable": a precondition of the claim's test fails on this run (a gate,
+# or too few tasks of a kind); the evidence says which, and the claim has no p-value in the table's Holm set.
+VERDICTS = ("supported", "contradicted", "inconclusive", "not testable")
 
 RULES = (
     f"Every p-value of a claims table is Holm-adjusted across the table; verdicts use the adjusted value at "
@@ -48,7 +55,16 @@ RULES = (
     f"bins of ≥ {MIN_MERGES} merges; contradicted if a permutation test (bins permuted within fixed set) rejects "
     f"equal accuracy across bins and the accuracy spans ≥ {MARGIN}; otherwise inconclusive. A claim of several "
     f"parts is supported if every part is, contradicted if any part is. Claims that need an experiment not yet run "
-    f"are inconclusive. Equivalence rules (no correlation, locality) use unadjusted 95 % CIs."
+    f"are inconclusive. Equivalence rules (no correlation, locality) use unadjusted 95 % CIs. "
+    f"Base-accuracy weighting (§6) is decided on the mean merge at the main T over many sets of weak and strong "
+    f"tasks, after two gates that the report shows first: (a) the weak tasks' adapters alone gain, on average, "
+    f"≥ {ROOM} retained accuracy between the scale a plain merge gives them (1/set size) and the most weights give "
+    f"them (1/weak tasks per set); (b) plain merging costs weak tasks more retained accuracy than strong ones (95 % "
+    f"CI of the difference, resampling tasks, above 0). A failed gate, or too few weak or strong tasks for one set, "
+    f"makes it not testable, with the reason. Otherwise: supported if the weak tasks' change (weighted − plain "
+    f"retained accuracy, one mean per set) is positive with a sign-flip permutation p < α over sets and the strong "
+    f"tasks' 95 % CI clustered by task lies above −{LITTLE}; contradicted if the weak change is negative with "
+    f"p < α, or the strong CI lies below −{LITTLE}; otherwise inconclusive."
 )
 
 
@@ -57,7 +73,11 @@ class Verdict:
     claim: str
     measured: str
     evidence: str  # CI or p-values
-    verdict: str  # supported | contradicted | inconclusive
+    verdict: str  # one of VERDICTS
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:  # a typo would otherwise print as a verdict nobody defined
+            raise ValueError(f"verdict {self.verdict!r} is not one of {', '.join(VERDICTS)}")
 
     # A decided verdict is a claim with no tests left, so it can stand in a table beside undecided ones.
     def pvalues(self) -> list[float]:

@@ -10,14 +10,20 @@ A pool pairs tasks with adapters. Locally it is a directory
 
 and on the hub it is the Lots-of-LoRAs organisation. Adapters and datasets are matched by task number, since
 the zero-padding of the numbers differs between them (`…-task1` vs `task001_…`).
+
+The hub pool loads what the organisation has adapters for: a dataset without one is skipped with a note (training
+it is the explicit `train_missing`), and a listing of the whole organisation must be narrowed by a task list or a
+`max_tasks` cap, the first tasks by number.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rich.console import Console
 
 from mergeability.data.facts import read_rows
 from mergeability.errors import MergeabilityError
@@ -105,14 +111,15 @@ def load_task_dir(path: Path) -> Task:
     return Task(path.name, splits)
 
 
-def load_local_pool(root: str | Path, tasks: Sequence[str] | None = None) -> list[Task]:
-    """Tasks of a local pool directory, each with its adapter when the pool has one."""
+def load_local_pool(root: str | Path, tasks: Sequence[str] | None = None, max_tasks: int | None = None) -> list[Task]:
+    """Tasks of a local pool directory (at most the first `max_tasks` by number), each with its adapter when the
+    pool has one."""
     root = Path(root)
     ddir = root / "datasets"
     if not ddir.is_dir():
         raise MergeabilityError(f"{root} is not a task pool: it has no datasets/ directory (see docs/tasks.md)")
     names = sorted(p.name for p in ddir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    names = select_tasks(names, tasks, str(root))
+    names = first_tasks(select_tasks(names, tasks, str(root)), max_tasks)
     adir = root / "adapters"
     adapters = sorted(p.name for p in adir.iterdir() if p.is_dir()) if adir.is_dir() else []
     pairs = match_adapters(names, adapters)
@@ -139,9 +146,43 @@ def select_tasks(names: list[str], wanted: Sequence[str] | None, where: str) -> 
     return out
 
 
-def load_hub_pool(tasks: Sequence[str] | None = None, org: str = HUB_ORG) -> list[Task]:
+def first_tasks(names: Sequence[str], max_tasks: int | None) -> list[str]:
+    """`names` by task number (a name without one last, by name), the first `max_tasks` of them (None: all)."""
+    ordered = sorted(names, key=lambda n: (task_number(n) is None, task_number(n) or 0, n))
+    return ordered if max_tasks is None else ordered[:max_tasks]
+
+
+def with_adapters(names: Sequence[str], pairs: dict[str, str], max_tasks: int | None,
+                  train_missing: bool) -> tuple[list[str], list[str]]:
+    """(tasks to load, datasets skipped for having no adapter), walking `names` in order until `max_tasks` are
+    taken: a skipped dataset does not use up the cap, so `max_tasks` N gives N tasks whenever the pool has them."""
+    taken: list[str] = []
+    skipped: list[str] = []
+    for n in names:
+        if max_tasks is not None and len(taken) == max_tasks:
+            break
+        (taken if train_missing or n in pairs else skipped).append(n)
+    return taken, skipped
+
+
+def print_note(text: str) -> None:
+    """A note on stderr, as one line however long (a log keeps it whole)."""
+    Console(stderr=True).print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def skip_note(org: str, skipped: Sequence[str], shown: int = 20) -> str:
+    """One line: how many datasets were skipped for having no adapter, and which (the first `shown` of them)."""
+    names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+    return (f"skipped {len(skipped)} {org} dataset{'s' if len(skipped) != 1 else ''} with no adapter in the "
+            f"collection (pass --train-missing to train them): {names}")
+
+
+def load_hub_pool(tasks: Sequence[str] | None = None, org: str = HUB_ORG, *, max_tasks: int | None = None,
+                  train_missing: bool = False, note: Callable[[str], None] | None = None) -> list[Task]:
     """Lots-of-LoRAs from the Hugging Face hub: list the organisation, match adapters to datasets by number,
-    download both. Needs network, `huggingface_hub` and `datasets`."""
+    download both. The tasks are `tasks` (None: every dataset), by number, at most the first `max_tasks` that are
+    loaded; a dataset with no adapter is skipped, and `note` (default: stderr) is told once which were, unless
+    `train_missing` keeps it for the run to train. Needs network, `huggingface_hub` and `datasets`."""
     try:
         import datasets
         from huggingface_hub import HfApi, snapshot_download
@@ -155,8 +196,14 @@ def load_hub_pool(tasks: Sequence[str] | None = None, org: str = HUB_ORG) -> lis
     except Exception as e:  # offline, rate-limited, …: one line is what the user needs
         raise MergeabilityError(f"cannot list {org} on the hub: {str(e).splitlines()[0]}") from None
     adapters = [a for a in adapters if HUB_ADAPTER.match(a)]
-    names = select_tasks([n for n in names if task_number(n) is not None], tasks, org)
+    names = first_tasks(select_tasks([n for n in names if task_number(n) is not None], tasks, org), None)
     pairs = match_adapters(names, adapters)
+    names, skipped = with_adapters(names, pairs, max_tasks, train_missing)
+    if skipped:
+        (note or print_note)(skip_note(org, skipped))
+    if not names:
+        raise MergeabilityError(f"none of the {len(skipped)} {org} datasets selected has an adapter: pass "
+                                "--train-missing to train them, or choose other --tasks")
     out = []
     for n in names:
         try:

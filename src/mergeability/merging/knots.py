@@ -31,7 +31,7 @@ from mergeability.merging.base import (
     params_of,
     result,
 )
-from mergeability.merging.ties import check_sparsify, disjoint_merge, sparsify
+from mergeability.merging.ties import Weighting, check_sparsify, disjoint_merge, sparsify
 from mergeability.updates import Dense, LowRank, Update
 
 
@@ -84,6 +84,10 @@ class Knots:
     dare: float | None = None  # DARE drop probability: replaces magnitude trimming when set
     seed: int = 0  # for DARE's random masks
     rtol: float = 1e-7  # drop singular directions below rtol · σ_max (numerically zero)
+    # TIES inside: how weights enter the disjoint mean of the aligned blocks (see `ties.disjoint_merge`):
+    # "agreeing" divides by the agreeing updates' weights (they cancel where blocks do not overlap), "all" by the
+    # mean weight of every update (they do not). The mean inside is a weighted mean either way
+    weighting: Weighting = "agreeing"
 
     name = "knots"
 
@@ -132,6 +136,6 @@ class Knots:
             merged = {n: sum(blk[n] for blk in aligned if n in blk) / total for n in names}
         else:
             trimmed = sparsify(aligned, self.density, self.per_module, self.dare, self.seed)
-            merged = disjoint_merge(trimmed, w)
+            merged = disjoint_merge(trimmed, w, self.weighting)
         out = {n: LowRank(self.lam * merged[n], bases[n], 1.0) for n in names}
         return result(out, updates, self.name, params_of(self), w)

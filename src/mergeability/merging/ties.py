@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from mergeability.merging.base import (
 from mergeability.updates import Dense, Update
 
 Blocks = dict[str, Tensor]  # one update's tensors, by module name
+Weighting = Literal["agreeing", "all"]  # what the disjoint mean divides by: see `disjoint_merge`
 
 
 def check_sparsify(density: float, dare: float | None) -> None:
@@ -64,12 +66,21 @@ def sparsify(blocks: list[Blocks], density: float, per_module: bool, dare: float
     return out
 
 
-def disjoint_merge(trimmed: list[Blocks], weights: Sequence[float]) -> Blocks:
+def disjoint_merge(trimmed: list[Blocks], weights: Sequence[float], weighting: Weighting = "agreeing") -> Blocks:
     """Elect the sign of the sum per entry; average the entries that agree with it.
 
-    `trimmed` already carries each update's weight; the mean divides by the agreeing updates' weights, so
-    all weights 1 is plain TIES, and a weight of 0 is the same as leaving the update out.
+    `trimmed` already carries each update's weight w_i. `weighting` says what the mean divides by:
+
+    - "agreeing": the agreeing updates' weights, Σ_agree w_i. All weights 1 is plain TIES and a weight of 0 is the
+      same as leaving the update out, but where one update stands alone its entry is x_i whatever w_i is: the
+      weights cancel everywhere the updates do not overlap, which is most entries.
+    - "all": the agreeing updates' count times the mean weight of ALL the merge's updates, n_agree · Σw / n. Each
+      update's entries are scaled by n·w_i/Σw (weights normalised to mean 1 over every update), then averaged over
+      the agreeing ones, so a low-weight update's entries shrink even where it stands alone. All weights equal is
+      plain TIES; relative to it, each update's share changes by the same factor n·w_i/Σw as in the weighted mean
+      merge. A weight of 0 drops the update's entries but still counts in n.
     """
+    mean_w = sum(weights) / len(weights)
     merged = {}
     for name in sorted({n for blk in trimmed for n in blk}):
         present = [(w, blk[name]) for w, blk in zip(weights, trimmed) if name in blk]
@@ -83,7 +94,7 @@ def disjoint_merge(trimmed: list[Blocks], weights: Sequence[float]) -> Blocks:
         for w, t in present:
             agree = (t * elected) > 0  # same sign as the elected one; entries trimmed to 0 never agree
             num += torch.where(agree, t, 0.0)
-            den.add_(agree.to(den.dtype), alpha=w)
+            den.add_(agree.to(den.dtype), alpha=w if weighting == "agreeing" else mean_w)
         merged[name] = torch.where(den > 0, num / den.clamp_min(torch.finfo(num.dtype).tiny), 0.0)
     return merged
 
@@ -97,6 +108,9 @@ class Ties:
     per_module: bool = False  # trim per module instead of over the whole update
     dare: float | None = None  # DARE drop probability: replaces magnitude trimming when set
     seed: int = 0  # for DARE's random masks
+    # how weights enter the disjoint mean (`disjoint_merge`): "agreeing" divides by the agreeing updates' weights,
+    # so they cancel where updates do not overlap; "all" normalises them over every update, so they do not (§6)
+    weighting: Weighting = "agreeing"
 
     name = "ties"
 
@@ -112,7 +126,7 @@ class Ties:
         dtype = compute_dtype(updates)
         scaled = [{n: wi * m.to(dtype).delta() for n, m in u.modules.items()} for wi, u in zip(w, updates)]
         trimmed = sparsify(scaled, self.density, self.per_module, self.dare, self.seed)
-        merged = disjoint_merge(trimmed, w)
+        merged = disjoint_merge(trimmed, w, self.weighting)
         return result({n: Dense(self.lam * t) for n, t in merged.items()}, updates, self.name, params_of(self), w)
 
     # TIES is computed on the materialised ΔW already: its obvious route is its only one.

@@ -122,7 +122,8 @@ def prepare_survey(cfg: TaskConfig) -> PreparedTasks:
     """The pool and the model, checked before any work (as `run tasks` checks them)."""
     d = cfg.data
     sizes = {"train": d.train_size, "valid": max(1, d.test_size // 2), "test": d.test_size}  # the bundled suite's
-    tasks = load_pool(d.pool, d.tasks, seed=cfg.seed, sizes=sizes)
+    # a survey trains every task it lists (that is what it measures), so the hub's adapter-less datasets are kept
+    tasks = load_pool(d.pool, d.tasks, seed=cfg.seed, sizes=sizes, max_tasks=d.max_tasks, train_missing=True)
     for t in tasks:
         t.split("test")
         if t.adapter is None:

@@ -1,12 +1,18 @@
 """The task-level run (paper §3.2): base accuracy → one adapter per task (loaded or trained) → fine-tuned accuracy
 → threshold → mergeability trials scored by exact-match accuracy → scores.csv. Each stage does only what the
-store does not already hold, so `--resume` continues any of them."""
+store does not already hold, so `--resume` continues any of them.
+
+What is recorded per task besides the accuracies describes the data its adapter was trained on (its train split):
+`answer_ppl` (paper A.5) is the base model's perplexity of the training answers given their prompts, answer
+tokens only (`training.answer_perplexity`); `train_tokens` (A.6, "context length") the mean tokens of a training
+sequence, prompt + answer + EOS (`training.training_tokens`). `prompt_tokens` is the mean test prompt, for
+reference; it is not A.6."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,11 +28,14 @@ from mergeability.errors import MergeabilityError
 from mergeability.exact_match import evaluate_task
 from mergeability.models import get_module, module_name, num_layers
 from mergeability.pipelines.stages import Outcome, WorkerSetup, finish, load_run_model, safe_name, trials_stage
-from mergeability.training import answer_perplexity, train_task_update
+from mergeability.training import answer_perplexity, train_task_update, training_tokens
 from mergeability.updates import load_update, save_update
 
 SCORE_COLUMNS = ["task", "score", "degradation", "base_acc", "ft_acc", "n_test", "train_loss", "answer_ppl",
-                 "prompt_tokens", "fro_norm", "top_sv"]
+                 "train_tokens", "prompt_tokens", "fro_norm", "top_sv"]
+# An adapter the pool brings: its answer perplexity is measured on at most this many examples of its train split (a
+# forward pass each; splits are shuffled, so a random sample). An adapter trained here has it from its training.
+PPL_SAMPLE = 256
 
 
 @dataclass
@@ -35,6 +44,8 @@ class PreparedTasks:
     lm: object
     tasks: list  # data.tasks.Task
     modules: list[str]
+    notes: list[str] = field(default_factory=list)  # what loading the pool had to say (skipped datasets): the run
+    #                                                 prints them once (Ray workers prepare too, and stay quiet)
 
 
 def _base_of(adapter: Path) -> str | None:
@@ -75,7 +86,9 @@ def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     sizes = {"train": d.train_size, "valid": max(1, d.test_size // 2), "test": d.test_size}
-    tasks = load_pool(d.pool, d.tasks, seed=cfg.seed, sizes=sizes)
+    notes: list[str] = []
+    tasks = load_pool(d.pool, d.tasks, seed=cfg.seed, sizes=sizes, max_tasks=d.max_tasks,
+                      train_missing=d.train_missing, note=notes.append)
     for t in tasks:
         t.split("test")  # a task with no test split cannot be scored: fail before any work
         if t.adapter is None:
@@ -88,7 +101,7 @@ def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
     layers = range(num_layers(lm.model)) if cfg.training.layers is None else cfg.training.layers
     modules = [module_name(lm.model, layer, t) for layer in layers for t in cfg.training.targets]
     check_shapes(tasks, lm.model, cfg.model.name)
-    return PreparedTasks(cfg, lm, tasks, modules)
+    return PreparedTasks(cfg, lm, tasks, modules, notes)
 
 
 def test_examples(cfg: TaskConfig, task) -> list:
@@ -118,12 +131,13 @@ def task_evaluator(prep: PreparedTasks):
 
 
 def adapter_for(prep: PreparedTasks, task, out: Path):
-    """(update, last-epoch loss or None, base answer perplexity, path) of a task: the pool's adapter, or one
-    trained now and saved in the run directory."""
+    """(update, last-epoch loss or None, base answer perplexity of the training data, path) of a task: the pool's
+    adapter, or one trained now on the train split and saved in the run directory. The perplexity is None for a
+    pool adapter whose task has no train split: the data it was trained on is not there to measure."""
     cfg, model, tok = prep.cfg, prep.lm.model, prep.lm.tokenizer
     if task.adapter is not None:
-        data = task.splits.get("train") or task.split("test")
-        ppl = answer_perplexity(model, tok, data[:64], cfg.training.batch_size)
+        train = task.splits.get("train")
+        ppl = answer_perplexity(model, tok, train[:PPL_SAMPLE], cfg.training.batch_size) if train else None
         return load_update(task.adapter), None, ppl, str(task.adapter.resolve())
     update, stats = train_task_update(model, tok, task.split("train"), prep.modules, cfg.training, seed=cfg.seed,
                                       key=task.name, base_model=cfg.model.name)
@@ -141,17 +155,20 @@ def measure_tasks(prep: PreparedTasks, store, out: Path, bars) -> None:
         base_acc, base_correct, _ = task_accuracy(cfg, model, tok, task)
         update, loss, ppl, path = adapter_for(prep, task, out)
         ft_acc, ft_correct, _ = task_accuracy(cfg, model, tok, task, update)
-        test = test_examples(cfg, task)
+        test, train = test_examples(cfg, task), task.splits.get("train")
         prompt_tokens = sum(len(tok(e.input).input_ids) for e in test) / len(test)
         store.add_task(dict(name=task.name, path=path, base_acc=base_acc, ft_acc=ft_acc,
                             base_correct=[int(c) for c in base_correct], ft_correct=[int(c) for c in ft_correct],
                             n_test=len(base_correct), train_loss=loss, answer_ppl=ppl, prompt_tokens=prompt_tokens,
+                            train_tokens=training_tokens(tok, train) if train else None,
                             fro_norm=update.fro_norm(), top_sv=update.top_singular_value()))
         bar.advance()
 
 
-def threshold_pools(prep: PreparedTasks, store) -> dict[float, tuple[str, ...]]:
-    """The pool at the threshold, then at each sweep threshold whose pool differs and can give N partners."""
+def threshold_pools(prep: PreparedTasks, store, note=lambda text: None) -> dict[float, tuple[str, ...]]:
+    """The pool at the threshold, then at each sweep threshold whose pool differs and can give N partners. The
+    main threshold leaving fewer than N + 1 tasks is an error (before any trial); a sweep threshold that does is
+    skipped, and `note` told why."""
     d, n = prep.cfg.data, prep.cfg.merge.partners
     names_here = {t.name for t in prep.tasks}
     pools: dict[float, tuple[str, ...]] = {}
@@ -164,7 +181,10 @@ def threshold_pools(prep: PreparedTasks, store) -> dict[float, tuple[str, ...]]:
         if th == d.threshold and len(names) <= n:
             raise MergeabilityError(f"only {len(names)} tasks reach fine-tuned accuracy {d.threshold}: lower "
                                     f"--partners below {len(names)} or --threshold, then --resume")
-        if len(names) > n and tuple(names) not in pools.values():
+        if len(names) <= n:
+            note(f"sweep threshold {th:g} skipped: {len(names)} task{'s' if len(names) != 1 else ''} reach it, "
+                 f"N = {n} partners need {n + 1}")
+        elif tuple(names) not in pools.values():
             pools[th] = tuple(names)
     return pools
 
@@ -195,13 +215,16 @@ def run_tasks(cfg: TaskConfig, out: Path, *, resume: bool = False, console: Cons
         prep = prepare_tasks(cfg)  # all bad input is found here, before the run directory exists
     for p in prep.lm.model.parameters():
         p.requires_grad_(False)
+    for text in prep.notes:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
     store = run.create(out, cfg)
-    store.set_meta("provenance", run.provenance(cfg, pool=cfg.data.pool, scoring="exact match, greedy"))
+    notes = {"pool notes": " ".join(prep.notes)} if prep.notes else {}  # in the report's provenance table
+    store.set_meta("provenance", run.provenance(cfg, pool=cfg.data.pool, scoring="exact match, greedy", **notes))
     with progress(console) as bars:
         with timings.stage("tasks"):
             measure_tasks(prep, store, out, bars)
         with timings.stage("trials"):
-            pools = threshold_pools(prep, store)
+            pools = threshold_pools(prep, store, note=lambda text: console.print(text, markup=False, highlight=False))
             store.set_meta("pools", {str(k): list(v) for k, v in pools.items()})
             pool_trials(prep, store, out, pools, bars)
     pool = list(pools[cfg.data.threshold])

@@ -70,7 +70,7 @@ def write_html(run_dir, prov, settings, summary, tables, figures, claims) -> Pat
     css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
            "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
            "font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%}.supported{color:#1a7f37}"
-           ".contradicted{color:#b42318}.inconclusive{color:#8a6d00}")
+           ".contradicted{color:#b42318}.inconclusive{color:#8a6d00}.not-testable{color:#555}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>mergeability report: {html.escape(run_dir.name)}"
              f"</title><style>{css}</style></head><body><h1>Mergeability report: {html.escape(run_dir.name)}</h1>"]
     parts.append(_html_table(Table("Provenance", ["key", "value"], [[k, str(v)] for k, v in prov.items()] + settings)))
@@ -79,8 +79,9 @@ def write_html(run_dir, prov, settings, summary, tables, figures, claims) -> Pat
     parts.append("<table><thead><tr><th>claim (paper)</th><th>measured</th><th>CI / p-value</th><th>verdict</th>"
                  "</tr></thead><tbody>")
     for c in claims:
+        css = c.verdict.replace(" ", "-")  # "not testable" is one class
         parts.append(f"<tr><td>{html.escape(c.claim)}</td><td>{html.escape(c.measured)}</td>"
-                     f"<td>{html.escape(c.evidence)}</td><td class='{c.verdict}'>{c.verdict}</td></tr>")
+                     f"<td>{html.escape(c.evidence)}</td><td class='{css}'>{c.verdict}</td></tr>")
     parts.append("</tbody></table><h2>Figures</h2>")
     for title, path in figures:
         b64 = base64.b64encode(Path(path).read_bytes()).decode()

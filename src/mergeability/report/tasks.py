@@ -23,16 +23,32 @@ from mergeability.analysis.claims import (
 from mergeability.analysis.stats import per_bin, spearman
 from mergeability.analysis.summary import task_summary, task_summary_rows
 from mergeability.errors import MergeabilityError
+from mergeability.pipelines.tasks import PPL_SAMPLE
 from mergeability.report.document import Sections, Table, correlation_table, fmt, write_report
 from mergeability.report.figures import bins_figure, lines_figure, scatter_figure
 from mergeability.report.weighted import weighted_section
 
 FEATURES = {  # column of the tasks table -> label
     "base_acc": "base accuracy",
-    "answer_ppl": "answer log-perplexity (base model)",
-    "prompt_tokens": "context length (prompt tokens)",
+    "answer_ppl": "answer log-perplexity (base model, training answers)",
+    "train_tokens": "context length (training tokens per example)",
     "fro_norm": "‖ΔW‖_F",
     "top_sv": "σ_max(ΔW)",
+}
+# What each feature is, in words: the report prints these beside the per-bin figure and table, so that a reader
+# compares like with like against the paper's appendix.
+DEFINITIONS = {
+    "base_acc": "exact-match accuracy of the base model on the task's test items (greedy generation)",
+    "answer_ppl": ("A.5: the base model's perplexity of the answers of the task's training examples given their "
+                   "prompts, exp(mean NLL over answer tokens): each example's first reference and the EOS that "
+                   "ends it; prompt tokens are context, not scored. Over the whole train split for an adapter trained "
+                   f"by the run; over its first {PPL_SAMPLE} examples for an adapter the pool brings. Shown as its "
+                   "log."),
+    "train_tokens": ("A.6: the training context length: mean tokens of a training sequence as the adapter was "
+                     "trained on it (prompt + answer + EOS, the base model's tokenizer), over the task's train "
+                     "split. Not the test prompt (scores.csv keeps that as prompt_tokens)."),
+    "fro_norm": "Frobenius norm of the adapter's ΔW, summed in quadrature over its modules",
+    "top_sv": "largest singular value of the adapter's ΔW over its modules",
 }
 N_BINS = 5  # scores are accuracies, so bins are equal-width: [0, .2), [.2, .4), …, [.8, 1]
 
@@ -40,8 +56,8 @@ N_BINS = 5  # scores are accuracies, so bins are equal-width: [0, .2), [.2, .4),
 def _arrays(store, sc: dict[str, float]) -> dict[str, np.ndarray]:
     rows = [r for r in store.task_rows() if r["name"] in sc]
     out = {"name": np.array([r["name"] for r in rows]), "score": np.array([sc[r["name"]] for r in rows], dtype=float)}
-    for col in [*FEATURES, "ft_acc"]:
-        out[col] = np.array([np.nan if r[col] is None else r[col] for r in rows], dtype=float)
+    for col in [*FEATURES, "ft_acc"]:  # a store written before a column existed has none (train_tokens): missing
+        out[col] = np.array([np.nan if r.get(col) is None else r[col] for r in rows], dtype=float)
     out["answer_ppl"] = np.log(out["answer_ppl"])  # letters reach ppl 8,000, numbers 2: means need the log
     out["degradation"] = out["ft_acc"] - out["score"]
     return out
@@ -51,13 +67,15 @@ def feature_sections(cfg, d: dict, corr: dict, degr, figdir: Path) -> Sections:
     """Causes per score bin (Fig. 4, A.5, A.6, Table 1), correlations, degradation (A.15), the per-task table."""
     out = Sections()
     panels = [(label, per_bin(d[f], d["score"], None, seed=cfg.seed, n_bins=N_BINS)) for f, label in FEATURES.items()]
-    title = "Causes by mergeability score: base accuracy (Fig. 4), perplexity (A.5), context (A.6), weights (Table 1)"
+    title = ("Causes by mergeability score: base accuracy (Fig. 4), base-model perplexity of the training answers "
+             "(A.5), training context length in tokens (A.6), weights (Table 1)")
     fig = bins_figure(panels, figdir / "task_bins.png", "Task-level causes by mergeability score")
     out.figures.append((title, fig))
     rows = [["tasks"] + [str(b.count) for b in panels[0][1]]]
     rows += [[label] + [f"{fmt(b.mean)} [{fmt(b.ci[0])}, {fmt(b.ci[1])}]" for b in bins] for label, bins in panels]
     out.tables.append(Table("Features per score bin, mean [95% CI] (Table 1 for the weight rows)",
                             ["feature"] + bin_labels(panels[0][1]), rows))
+    out.tables.append(definitions_table(d))
     out.tables.append(correlation_table(FEATURES, corr))
     title = "Degradation after merging against base accuracy (A.15)"
     out.figures.append((title, scatter_figure(d["base_acc"], d["degradation"], figdir / "degradation.png", title,
@@ -67,6 +85,14 @@ def feature_sections(cfg, d: dict, corr: dict, degr, figdir: Path) -> Sections:
                             [[n, f"{b:.2f}", f"{f:.2f}", f"{s:.2f}", f"{g:+.2f}"] for n, b, f, s, g in
                              zip(d["name"], d["base_acc"], d["ft_acc"], d["score"], d["degradation"])]))
     return out
+
+
+def definitions_table(d: dict) -> Table:
+    """What each feature of the tables above measures; a feature this run did not record says so."""
+    rows = [[FEATURES[f], text if not np.isnan(d[f]).all() else
+             f"{text} — not recorded by this run (written before it was): rerun the tasks into a new --out"]
+            for f, text in DEFINITIONS.items()]
+    return Table("What each feature measures (A.5 perplexity, A.6 context length)", ["feature", "definition"], rows)
 
 
 def bin_labels(bins) -> list[str]:
@@ -110,7 +136,7 @@ def task_claims(d: dict, corr: dict, degr, sweep_corr: dict, experiment_claims: 
         Directional("Tasks the base model knows better are more mergeable (Fig. 4)", c("base_acc"), +1),
         Directional("Degradation after merging falls as base accuracy rises (A.15)", pooled_only("degr", degr), -1),
         Directional("Lower perplexity of the task data goes with higher scores (A.5)", c("answer_ppl"), -1),
-        Directional("Longer contexts go with higher scores (A.6)", c("prompt_tokens"), +1),
+        Directional("Longer training contexts go with higher scores (A.6)", c("train_tokens"), +1),
         NoEffect("Weight norm and top singular value do not correlate with the score (Table 1)",
                  (c("fro_norm"), c("top_sv"))),
         AllOf("The lowest score bin has higher ‖ΔW‖ and σ_max than the rest (Table 1)",
@@ -137,7 +163,7 @@ def build_task_report(run_dir: Path, cfg, store):
     degr = spearman(d["base_acc"], d["degradation"], seed=cfg.seed)
     out = feature_sections(cfg, d, corr, degr, figdir)
     sweep, sweep_corr = threshold_section(cfg, store, figdir)
-    out.extend(sweep).extend(weighted_section(store, figdir))
+    out.extend(sweep).extend(weighted_section(store, figdir, seed=cfg.seed))
     claims = task_claims(d, corr, degr, sweep_corr, out.claims)
     summary = task_summary_rows(task_summary(cfg, store, pools[cfg.data.threshold]))
     m = cfg.merge
