@@ -5,7 +5,6 @@ fine-tuned and merged accuracy, and the merged adapter written with its provenan
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,49 +44,8 @@ def parse_params(method: str, items: Sequence[str]) -> dict:
             params[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise MergeabilityError(f"--param {key}: cannot read the value {value!r}") from None
-    get_method(method, **params)  # unknown names are errors now, before any I/O
-    hints = typing.get_type_hints(METHODS[method])
-    return {k: _typed(k, v, hints.get(k)) for k, v in params.items()}
-
-
-def _kinds(tp) -> list:
-    """What a parameter annotation allows, as plain types, None and ("literal", value) (`float | None` -> [float,
-    None])."""
-    if typing.get_origin(tp) is typing.Literal:
-        return [("literal", a) for a in typing.get_args(tp)]
-    if typing.get_origin(tp) in (typing.Union, type(int | None)):
-        return [k for a in typing.get_args(tp) for k in _kinds(a)]
-    return [None if tp is type(None) else tp]
-
-
-_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", None: "null"}
-
-
-def _fits(kind, value) -> bool:
-    if isinstance(kind, tuple):
-        return type(value) is type(kind[1]) and value == kind[1]
-    if kind is None:
-        return value is None
-    if kind is float:  # an integer is a number; a bool is not
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind) if isinstance(kind, type) else True
-
-
-def _typed(key: str, value, tp):
-    """`value` as the parameter's declared type `tp` (float(1) for a number); a one-line error if it does not fit."""
-    kinds = _kinds(tp) if tp is not None else []
-    if float in kinds and isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not kinds or any(_fits(k, value) for k in kinds):
-        return float(value) if float in kinds and _fits(float, value) else value
-    allowed = " or ".join(repr(k[1]) if isinstance(k, tuple) else _WORDS.get(k, getattr(k, "__name__", str(k)))
-                          for k in kinds)
-    raise MergeabilityError(f"--param {key} takes {allowed}, got {value!r}")
+    merger = get_method(method, **params)  # unknown names and bad values are errors now, before any I/O
+    return {k: getattr(merger, k) for k in params}  # as the method stores them (1 -> 1.0 for a number, …)
 
 
 def floats(text: str, what: str) -> list[float]:
