@@ -30,8 +30,11 @@ def child_env(*path: Path, **extra: str) -> dict:
 
 
 def start(args: list[str], env: dict) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
+    # (`make test &`, some CI runners) ignores SIGINT, children inherit that, and Python then keeps ignoring it
     return subprocess.Popen([sys.executable, "-m", "mergeability", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def one_error_line(code: int, out: str, err: str) -> str:
