@@ -30,18 +30,16 @@ from rich.console import Console
 from mergeability.atomic import write_text
 from mergeability.config import TaskConfig
 from mergeability.console import print_table, progress
-from mergeability.data.pools import load_pool
 from mergeability.data.tasks import Example, Task
 from mergeability.errors import MergeabilityError
 from mergeability.exact_match import normalize_answer
 from mergeability.merging.linear import TaskArithmetic
-from mergeability.models import load_model, module_name, num_layers
 from mergeability.pipelines.stages import write_scores
 from mergeability.pipelines.tasks import (
     PreparedTasks,
     adapter_for,
-    check_bases,
-    check_shapes,
+    load_task_model,
+    load_task_pool,
     task_accuracy,
     test_examples,
 )
@@ -111,30 +109,11 @@ def write_state(out: Path, wanted: dict, rows: list[dict]) -> None:
     write_text(out / "survey.md", markdown(COLUMNS, rows))
 
 
-def _base_model(adapter: Path) -> str | None:
-    try:
-        return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def prepare_survey(cfg: TaskConfig) -> PreparedTasks:
-    """The pool and the model, checked before any work (as `run tasks` checks them)."""
-    d = cfg.data
-    sizes = {"train": d.train_size, "valid": max(1, d.test_size // 2), "test": d.test_size}  # the bundled suite's
-    # a survey trains every task it lists (that is what it measures), so the hub's adapter-less datasets are kept
-    tasks = load_pool(d.pool, d.tasks, seed=cfg.seed, sizes=sizes, max_tasks=d.max_tasks, train_missing=True)
-    for t in tasks:
-        t.split("test")
-        if t.adapter is None:
-            t.split("train")
-    check_bases(((t.name, _base_model(t.adapter)) for t in tasks if t.adapter is not None), cfg.model.name)
-    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
-    layers = range(num_layers(lm.model)) if cfg.training.layers is None else cfg.training.layers
-    modules = [module_name(lm.model, layer, t) for layer in layers for t in cfg.training.targets]
-    check_shapes(tasks, lm.model, cfg.model.name)
+    """The pool and the model, checked before any work, as `run tasks` checks them. A survey trains every task it
+    lists (that is what it measures), so the hub's adapter-less datasets are kept."""
+    tasks = load_task_pool(cfg, train_missing=True)
+    lm, modules = load_task_model(cfg, tasks)
     return PreparedTasks(cfg, lm, tasks, modules)
 
 

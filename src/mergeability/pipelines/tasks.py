@@ -26,7 +26,7 @@ from mergeability.console import print_table, progress
 from mergeability.data.pools import load_pool
 from mergeability.errors import MergeabilityError
 from mergeability.exact_match import evaluate_task
-from mergeability.models import get_module, module_name, num_layers
+from mergeability.models import LoadedModel, get_module, module_name, num_layers
 from mergeability.pipelines.stages import Outcome, WorkerSetup, finish, load_run_model, safe_name, trials_stage
 from mergeability.training import answer_perplexity, train_task_update, training_tokens
 from mergeability.updates import load_update, save_update
@@ -51,7 +51,7 @@ class PreparedTasks:
 def _base_of(adapter: Path) -> str | None:
     try:
         return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or JSON that is not an object
         return None
 
 
@@ -81,27 +81,41 @@ def check_shapes(tasks, model, model_name: str) -> None:
 def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
     """Check the settings, load the pool and the model: all bad input is found here."""
     validate(cfg)  # every value, the method included (again: a config built in Python reaches here unchecked)
-    d, m = cfg.data, cfg.merge
+    m = cfg.merge
     check_backend(cfg)
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
-    sizes = {"train": d.train_size, "valid": max(1, d.test_size // 2), "test": d.test_size}
     notes: list[str] = []
+    tasks = load_task_pool(cfg, train_missing=cfg.data.train_missing, note=notes.append)
+    if m.partners >= len(tasks):
+        raise MergeabilityError(f"--partners {m.partners} is larger than the pool: at most {len(tasks) - 1} other "
+                                f"tasks can exist with {len(tasks)} tasks")
+    lm, modules = load_task_model(cfg, tasks)
+    return PreparedTasks(cfg, lm, tasks, modules, notes)
+
+
+def load_task_pool(cfg: TaskConfig, *, train_missing: bool, note=None) -> list:
+    """The config's tasks, checked: each has a test split (and a train split if it has no adapter), and every
+    adapter was trained on the run's model. What a run and a survey both need before any work."""
+    d = cfg.data
+    sizes = {"train": d.train_size, "valid": max(1, d.test_size // 2), "test": d.test_size}  # the bundled suite's
     tasks = load_pool(d.pool, d.tasks, seed=cfg.seed, sizes=sizes, max_tasks=d.max_tasks,
-                      train_missing=d.train_missing, note=notes.append)
+                      train_missing=train_missing, note=note)
     for t in tasks:
         t.split("test")  # a task with no test split cannot be scored: fail before any work
         if t.adapter is None:
             t.split("train")
     check_bases(((t.name, _base_of(t.adapter)) for t in tasks if t.adapter is not None), cfg.model.name)
-    if m.partners >= len(tasks):
-        raise MergeabilityError(f"--partners {m.partners} is larger than the pool: at most {len(tasks) - 1} other "
-                                f"tasks can exist with {len(tasks)} tasks")
+    return tasks
+
+
+def load_task_model(cfg: TaskConfig, tasks: list) -> tuple[LoadedModel, list[str]]:
+    """The run's model and the modules its task adapters adapt, checked against the pool's adapters' shapes."""
     lm = load_run_model(cfg.model)
     layers = range(num_layers(lm.model)) if cfg.training.layers is None else cfg.training.layers
     modules = [module_name(lm.model, layer, t) for layer in layers for t in cfg.training.targets]
     check_shapes(tasks, lm.model, cfg.model.name)
-    return PreparedTasks(cfg, lm, tasks, modules, notes)
+    return lm, modules
 
 
 def test_examples(cfg: TaskConfig, task) -> list:
