@@ -205,6 +205,50 @@ def merge(
     console.print(f"merged in {elapsed * 1000:.1f} ms; weights {[f'{x:.3g}' for x in (w or [1.0] * len(updates))]}")
 
 
+PLAN_EVAL_HELP = ("One eval file per adapter, in adapter order: a task file (.jsonl/.parquet with input, output; "
+                  "exact match) or a PopQA-schema fact file (multiple choice). Each is split into a validation and a "
+                  "held-out half.")
+
+
+@app.command(cls=MergeCommand)
+def plan(
+    adapters: Annotated[list[Path], typer.Argument(
+        help="PEFT LoRA adapter directories you mean to merge (two or more).")],
+    eval_sets: Annotated[Optional[list[Path]], typer.Option("--eval", help=PLAN_EVAL_HELP)] = None,
+    method: Annotated[Optional[str], typer.Option(
+        help="mean | task_arithmetic | ties | knots", show_default="knots")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help=PARAM_HELP)] = None,
+    predictor: Annotated[Optional[Path], typer.Option(
+        help="A run directory where `mergeability predict` saved a predictor: show its predicted score.")] = None,
+    max_rank: Annotated[Optional[int], typer.Option(
+        help="Truncate every merge to this rank before evaluating and writing it.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write the recommended merge (the plain one when nothing needs fixing) here.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write everything the plan measured and decided here (JSON).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model (default: the adapters' base model).")] = None,
+    max_test: Annotated[Optional[int], typer.Option(
+        help="Use at most this many rows of each eval file (a seeded sample).", show_default="all")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample, the halves and the multiple-choice options.")] = 0,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace --out if it is an adapter this tool wrote (never an input, a file or other files).")
+    ] = False,
+) -> None:
+    """Will my merge work, and how do I fix it: base, alone and merged accuracy per adapter on held-out halves, the
+    features behind a prediction, and verified fixes when an adapter does not survive."""
+    from mergeability.planning import PlanRequest, make_plan, notes, tables, verdict, write_outputs  # loads torch
+
+    req = PlanRequest(tuple(adapters), tuple(eval_sets or ()), method, tuple(param or ()), predictor, max_rank, out,
+                      json_path, model, max_test, seed, force)
+    result = make_plan(req)
+    for title, columns, rows in tables(result):
+        print_table(console, title, columns, rows)
+    for line in [*notes(result), verdict(result)]:  # whole lines, however long: a log keeps them greppable
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for path in write_outputs(result):
+        console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+
+
 run_app = typer.Typer(help="End-to-end mergeability runs.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 
@@ -372,6 +416,36 @@ def experiment(
     run_experiment(exp, run_dir, console, overrides)
     html_path, _ = build_report(run_dir)
     console.print(f"experiment {name} recorded in {run_dir / 'results.sqlite'}; report refreshed: {html_path}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (example or task level).", exists=True,
+                                            file_okay=False)],
+    folds: Annotated[int, typer.Option(help="Grouped cross-validation folds (fewer when there are fewer "
+                                            "relations / task families).")] = 5,
+    density: Annotated[float, typer.Option(help="TIES trim of the sign-conflict feature.")] = 0.2,
+    prompts: Annotated[int, typer.Option(help="Task level: test prompts per task for the hidden-shift "
+                                              "feature.")] = 8,
+) -> None:
+    """Predict each update's score from features that need no merge trial, cross-validated by relation (example
+    level) or task family (task level), against every single-feature baseline and a one-merge proxy. Writes
+    predict.json, features.csv and predictor.joblib (for `plan --predictor`), then refreshes the report."""
+    # deferred for start time: scikit-learn and torch
+    from mergeability.prediction import LABELS, Predict, predict_run
+    from mergeability.report.build import build_report
+
+    result = predict_run(run_dir, console, spec=Predict(n_splits=folds, density=density, prompts=prompts))
+    num = lambda x: "—" if x is None else f"{x:+.2f}"  # noqa: E731  (None: not defined, e.g. no lost update)
+    rows = [[LABELS.get(e["name"], e["name"]), num(e["rho"]), f"[{num(e['ci'][0])}, {num(e['ci'][1])}]",
+             num(e["auc_lost"])] for e in result["evaluations"]]
+    print_table(console, f"grouped CV, {result['n']} updates in {result['groups']} groups",
+                ["predictor", "ρ", "95% CI", "AUC lost"], rows)
+    c = result["costs"]
+    console.print(f"best: {result['best']}; no-merge features took {100 * c['no_merge_share']:.0f} % of the "
+                  f"trials' time, the proxy {100 * c['proxy_share']:.0f} %")
+    html_path, _ = build_report(run_dir)
+    console.print(f"predictor saved in {run_dir / 'predictor.joblib'}; report refreshed: {html_path}")
 
 
 @app.command()

@@ -17,6 +17,7 @@ from mergeability.report.document import Sections, Table, correlation_table, fmt
 from mergeability.report.experiments import experiment_sections
 from mergeability.report.figures import baseline_figure, bins_figure
 from mergeability.report.knots_settings import knots_settings_section
+from mergeability.report.predict import predict_section
 
 GROUPS = {  # figure name -> (title, features)
     "knowledge": ("Base-model knowledge by mergeability score (§4.1, Fig. 3)",
@@ -72,6 +73,7 @@ def build_example_report(run_dir: Path, cfg, store):
     out.tables += [correlation_table({f: label for f, (label, _) in FEATURES.items()}, corr), baseline_table(base, M)]
     out.extend(experiment_sections(cfg, store, sc, figdir, data))  # whatever experiments have rows in the store
     out.extend(knots_settings_section(cfg, store, sc, data, figdir))
+    out.extend(predict_section(run_dir, figdir))
     claims = decide(example_level_claims(data, base, out.claims, seed=cfg.seed))
     summary = example_summary_rows(example_summary(cfg, store, list(sc)))
     provenance = store.get_meta("provenance") or {}

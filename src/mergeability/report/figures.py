@@ -97,3 +97,19 @@ def grouped_bars_figure(groups: Sequence[str], series: dict[str, Sequence[float]
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)
     return _save(fig, path)
+
+
+def calibration_figure(bins: Sequence[dict], pred: Sequence[float], score: Sequence[float], path: Path,
+                       title: str) -> Path:
+    """Out-of-fold predictions against measured scores: every update (dots) and equal-count bins (line)."""
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    ax.scatter(pred, score, s=10, alpha=0.35, color="#3b6ea5", label="updates")
+    ax.plot([b["pred"] for b in bins], [b["score"] for b in bins], marker="o", color="#c8553d", label="bins")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("predicted score (out of fold)")
+    ax.set_ylabel("measured mergeability score")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
+    return _save(fig, path)

@@ -26,6 +26,7 @@ from mergeability.errors import MergeabilityError
 from mergeability.pipelines.tasks import PPL_SAMPLE
 from mergeability.report.document import Sections, Table, correlation_table, fmt, write_report
 from mergeability.report.figures import bins_figure, lines_figure, scatter_figure
+from mergeability.report.predict import predict_section
 from mergeability.report.weighted import weighted_section
 
 FEATURES = {  # column of the tasks table -> label
@@ -163,7 +164,7 @@ def build_task_report(run_dir: Path, cfg, store):
     degr = spearman(d["base_acc"], d["degradation"], seed=cfg.seed)
     out = feature_sections(cfg, d, corr, degr, figdir)
     sweep, sweep_corr = threshold_section(cfg, store, figdir)
-    out.extend(sweep).extend(weighted_section(store, figdir, seed=cfg.seed))
+    out.extend(sweep).extend(weighted_section(store, figdir, seed=cfg.seed)).extend(predict_section(run_dir, figdir))
     claims = task_claims(d, corr, degr, sweep_corr, out.claims)
     summary = task_summary_rows(task_summary(cfg, store, pools[cfg.data.threshold]))
     m = cfg.merge
