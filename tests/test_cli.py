@@ -1,8 +1,10 @@
+import io
 import subprocess
 import sys
 
 import pytest
 import torch
+from rich.console import Console
 
 from conftest import random_update, run_cli
 from mergeability import load_update, merge, save_update
@@ -128,3 +130,16 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert h.returncode == 0
     for opt in ("--method", "--weights", "--density", "--lambda", "--per-module", "--seed", "--out", "--force"):
         assert opt in h.stdout
+
+
+def test_a_plain_progress_stage_that_ends_below_its_bound_reports_what_was_done():
+    from mergeability.console import progress
+
+    buf = io.StringIO()
+    with progress(Console(file=buf, width=200), interval=1e9) as bars:  # not a terminal: plain lines
+        bar = bars.stage("fixes", 10)
+        bar.advance(3)
+        bar.finish()
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("fixes      0/10 (0%)") and lines[-1].startswith("fixes      3/3 (100%)")
+    assert len(lines) == 2  # the interval held back the advance's line; finishing prints one

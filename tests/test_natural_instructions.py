@@ -19,7 +19,9 @@ from rich.console import Console
 from mergeability import fetch
 from mergeability.data import bigbench
 from mergeability.data import natural_instructions as ni
+from mergeability.data import tasks as tasks_module
 from mergeability.data.pools import load_pool
+from mergeability.data.tasks import Example, SplitFiles
 from mergeability.errors import MergeabilityError
 from mergeability.exact_match import exact_match
 
@@ -132,6 +134,42 @@ def test_tasks_are_selected_by_name_or_number(fixture_source):
     assert [t.name for t in load_pool("natural-instructions", ["47", NAMES[2]])] == NAMES[1:]
     with pytest.raises(MergeabilityError, match="no task '12' in the pool"):
         load_pool("natural-instructions", ["12"])
+
+
+# ---------------------------------------------------------------------------------------------- lean loading
+
+
+def _whole_file(path: Path) -> list[Example]:
+    """A split as the loader read it before it was lean: every line of the file, in order."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Example(r["id"], r["input"], tuple(r["output"])) for r in rows]
+
+
+def test_the_lean_pool_yields_exactly_the_examples_of_the_whole_files(fixture_source):
+    tasks = load_pool("natural-instructions")
+    root = ni.pool_dir(QUIET)
+    assert all(isinstance(t.splits, SplitFiles) for t in tasks)  # paths only, until a split is used
+    for t in tasks:
+        for split in ("train", "valid", "test"):
+            whole = _whole_file(root / "datasets" / t.name / f"{split}.jsonl")
+            assert t.splits[split] == t.split(split) == whole  # same examples, same order
+            for limit in (1, 3, len(whole), len(whole) + 5):  # a capped read is the whole file's first rows
+                assert t.split(split, limit) == whole[:limit]
+
+
+def test_loading_the_pool_reads_no_split_file_and_a_capped_read_stops_early(fixture_source, monkeypatch):
+    read = []
+    real = tasks_module.read_split
+    monkeypatch.setattr(tasks_module, "read_split", lambda path, limit=None: read.append(path) or real(path, limit))
+    task = load_pool("natural-instructions", ["50"])[0]
+    assert read == []  # 40 rows in 9 files, none read to load the pool
+    train = ni.pool_dir(QUIET) / "datasets" / NAMES[2] / "train.jsonl"
+    lines = train.read_text(encoding="utf-8").splitlines(keepends=True)
+    train.write_text("".join(lines[:2]) + "{not json\n" + "".join(lines[2:]), encoding="utf-8")
+    assert [e.id for e in task.split("train", 2)] == [json.loads(line)["id"] for line in lines[:2]]
+    with pytest.raises(MergeabilityError, match=r"train.jsonl, row 3: invalid JSON"):
+        task.split("train")  # the whole split reaches the bad row: the capped read above never did
+    assert "train" in task.splits and "other" not in task.splits and len(read) == 2  # membership reads nothing
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -23,6 +23,7 @@ from mergeability.planning import (
     Measured,
     PlanRequest,
     choose,
+    fix_evaluations,
     maximin_fix,
     measure,
     prepare,
@@ -231,6 +232,38 @@ def test_measure_with_a_stub_reports_held_out_and_writes_the_chosen_fix(setup, t
     ref = merge([load_update(a) for a in adapters[1:]], "knots")
     torch.testing.assert_close(written.delta(MOD), ref.delta(MOD))
     assert json.loads((tmp_path / "p.json").read_text())["choice"]["fix"] == "leave out ad0"
+
+
+class RecordingBars:
+    """console.Bars as a test sees it: each stage's total, advances and whether it finished early."""
+
+    def __init__(self):
+        self.stages = {}
+
+    def stage(self, name, total, completed=0):
+        bars = self
+
+        class Bar:
+            def advance(self, n=1):
+                bars.stages[name]["done"] += n
+
+            def finish(self):
+                bars.stages[name]["total"] = bars.stages[name]["done"]
+
+        self.stages[name] = {"total": total, "done": completed}
+        return Bar()
+
+
+def test_measure_shows_one_step_per_evaluation(setup):
+    """The bars count evaluations: 6 K to measure, then the fixes' (at most `fix_evaluations(K)`, the bar's total
+    lowered to what was done when the search stops early)."""
+    _, adapters, evals = setup
+    ev, bars = StubEvaluator(), RecordingBars()
+    measure(prepare(PlanRequest(tuple(adapters), tuple(evals))), ev, bars)
+    assert bars.stages["measure"] == {"total": 18, "done": 18}
+    fixes = bars.stages["fixes"]
+    assert fixes["done"] == fixes["total"] == len(ev.calls) - 18 and 0 < fixes["done"] <= fix_evaluations(3)
+    assert fix_evaluations(3) == 3 + (SEARCH_MERGES * 3 + 1) * 3 + 2
 
 
 # ------------------------------------------------------------------------------------------------ the predictor

@@ -16,10 +16,12 @@ from rich.console import Console
 from conftest import TARGETS, run_cli, save_tiny, write_rows
 from mergeability.config import from_flat
 from mergeability.data import natural_instructions as ni
-from mergeability.data.tasks import Example
+from mergeability.data import tasks as tasks_module
+from mergeability.data.tasks import SPLITS, Example, SplitFiles, Task, read_split
 from mergeability.errors import MergeabilityError
 from mergeability.pipelines import survey
 from mergeability.pipelines.survey import COLUMNS, majority, run_survey
+from mergeability.pipelines.tasks import load_task_pool
 
 FIXTURE = Path(__file__).parent / "fixtures" / "natural_instructions"
 QUIET = Console(file=io.StringIO())
@@ -123,6 +125,40 @@ def test_the_scaled_accuracies_evaluate_the_adapter_alone_at_each_scale(long_tin
     base, ft, *scaled = norms
     assert base is None and ft > 0
     assert scaled == [pytest.approx(s * ft, rel=1e-5) for s in survey.SCALES if s != 1.0]
+
+
+def _eager_task_dir(path: Path) -> Task:
+    """A task as the pool loaded it before it was lean: every row of every split file, read at once."""
+    files = {s: path / f"{s}.jsonl" for s in SPLITS if (path / f"{s}.jsonl").exists()}
+    return Task(path.name, {s: read_split(f) for s, f in files.items()})
+
+
+def test_the_lean_survey_gives_the_rows_of_the_eager_one(long_tiny_dir, ni_fixture, tmp_path, monkeypatch):
+    cfg = cfg_for(long_tiny_dir, "natural-instructions", max_test=1)
+    lean = run_survey(cfg, tmp_path / "lean", max_train=5, console=QUIET)
+    monkeypatch.setattr(tasks_module, "load_task_dir", _eager_task_dir)
+    assert not isinstance(load_task_pool(cfg, train_missing=True)[0].splits, SplitFiles)  # the patch took
+    eager = run_survey(cfg, tmp_path / "eager", max_train=5, console=QUIET)
+    assert lean == eager and [(r["n_train"], r["n_test"]) for r in lean] == [(5, 1)] * 3
+
+
+def test_the_survey_and_the_run_read_only_the_rows_they_use(long_tiny_dir, tmp_path, monkeypatch):
+    pool = _known_pool(tmp_path / "pool")
+    for name in ("task001_known", "task002_even"):  # a bad row after the rows used, and a valid split never used
+        tdir = pool / "datasets" / name
+        for split, used in (("train", 4), ("test", 2)):
+            lines = (tdir / f"{split}.jsonl").read_text().splitlines(keepends=True)
+            (tdir / f"{split}.jsonl").write_text("".join(lines[:used]) + "{not json\n" + "".join(lines[used:]))
+        (tdir / "valid.jsonl").write_text("{not json\n")
+    rows = run_survey(cfg_for(long_tiny_dir, pool, max_test=2, max_new_tokens=1), tmp_path / "out", max_train=4,
+                      console=QUIET)
+    assert [(r["n_train"], r["n_test"]) for r in rows] == [(4, 2), (4, 2)]
+    assert len(load_task_pool(cfg_for(long_tiny_dir, pool, max_test=2), train_missing=False)) == 2  # run tasks too
+    with pytest.raises(MergeabilityError, match=r"test.jsonl, row 3: invalid JSON"):  # reading on: found up front
+        load_task_pool(cfg_for(long_tiny_dir, pool, max_test=3), train_missing=False)
+    monkeypatch.setattr(survey, "load_task_model", lambda *a: pytest.fail("the model loaded before the check"))
+    with pytest.raises(MergeabilityError, match=r"train.jsonl, row 5: invalid JSON"):  # found before any work
+        run_survey(cfg_for(long_tiny_dir, pool, max_test=2), tmp_path / "all", max_train=5, console=QUIET)
 
 
 def test_survey_resumes_per_task_and_refuses_other_settings(long_tiny_dir, tmp_path, monkeypatch):

@@ -194,6 +194,19 @@ def test_task_training_fast_loss_matches_full_logits_training(tiny_model_dir):
     base_ppl = answer_perplexity(model, tok, ex, 4)
     assert abs(fs.base_ppl - base_ppl) < 1e-6 * base_ppl and abs(ps.base_ppl - base_ppl) < 1e-4 * base_ppl
     assert fs.input_tokens == round(sum(len(tok(e.input).input_ids) for e in ex) / len(ex))
+    # Micro-batches (steps of 4 rows of ~14 tokens split into 1, 2 and 3 rows at a time) give the same update and loss.
+    from dataclasses import replace
+
+    from mergeability.training import micro_batches
+
+    assert [len(m[0]) for m in micro_batches(batches[0], 2 * batches[0][0].shape[1] + 1)] == [2, 2]
+    assert [len(m[0]) for m in micro_batches(batches[0], 1)] == [1, 1, 1, 1]  # at least one row, however long
+    for tokens in (1, 2 * batches[0][0].shape[1], 3 * batches[0][0].shape[1]):
+        micro, ms = train_task_update(model, tok, ex, mods, replace(cfg, micro_tokens=tokens), seed=0, key="t")
+        for name in mods:
+            a, b = micro.delta(name), fast.delta(name)
+            assert ((a - b).norm() / b.norm()).item() < 1e-5
+        assert abs(ms.loss - fs.loss) < 1e-5
     # It learned. Both sides in nats per answer token: the base model's answer NLL is log(base_ppl) = 4.88; the
     # last epoch's training loss (measured 4.73) and the trained model's answer NLL (4.69) must sit below it by a
     # margin that lr = 1e-9 (no learning: 4.88 both) cannot reach.

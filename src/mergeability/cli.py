@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
-from mergeability.console import print_table
+from mergeability.console import print_table, progress
 from mergeability.errors import MergeabilityError, one_line
 
 try:  # recent typer runs on its own copy of click (typer._click), earlier versions on click itself
@@ -240,7 +240,8 @@ def plan(
 
     req = PlanRequest(tuple(adapters), tuple(eval_sets or ()), method, tuple(param or ()), predictor, max_rank, out,
                       json_path, model, max_test, seed, force)
-    result = make_plan(req)
+    with progress(console) as bars:
+        result = make_plan(req, bars)
     for title, columns, rows in tables(result):
         print_table(console, title, columns, rows)
     for line in [*notes(result), verdict(result)]:  # whole lines, however long: a log keeps them greppable

@@ -226,6 +226,9 @@ class TaskTraining(Section):
     lr: Positive = 2e-3  # AdamW, no weight decay
     epochs: Count = 3  # passes over the train split
     batch_size: Count = 8  # examples per step
+    # tokens (rows x padded length) one backward pass holds: a longer step runs in micro-batches whose gradients add
+    # up to the step's; memory, not the update (the bundled suite's steps fit; Natural Instructions' do not)
+    micro_tokens: Count = 1024
 
     @property
     def step_lr(self) -> float:

@@ -36,6 +36,12 @@ class PlainBar:
         self.done += n
         self._line(force=self.done >= self.total)
 
+    def finish(self) -> None:
+        """The stage ended before its total (a bound, not a count): what was done is the total."""
+        if self.done < self.total:
+            self.total = self.done
+            self._line(force=True)
+
     def _line(self, force: bool) -> None:
         now = time.monotonic()
         if not force and now - self.last < self.interval:
@@ -56,9 +62,14 @@ class RichBar:
     def advance(self, n: int = 1) -> None:
         self.progress.advance(self.task, n)
 
+    def finish(self) -> None:
+        done = next(t.completed for t in self.progress.tasks if t.id == self.task)
+        self.progress.update(self.task, total=done)
+
 
 class Bars:
-    """Opens one bar per stage: `bars.stage(name, total, completed)` returns an object with `advance()`."""
+    """Opens one bar per stage: `bars.stage(name, total, completed)` returns an object with `advance()`, and
+    `finish()` for a stage whose total was a bound and that ended below it."""
 
     def __init__(self, console: Console, progress: Progress | None, interval: float):
         self.console, self.progress, self.interval = console, progress, interval

@@ -238,6 +238,26 @@ class Merging:
         return Merged(merged, members, w, energy)
 
 
+@dataclass(frozen=True)
+class Progressing:
+    """An evaluator that advances a progress bar once per evaluation, the unit of a plan's work."""
+
+    ev: Evaluator
+    bar: object  # console.Bars.stage(...)
+
+    def accuracy(self, i: int, update: Update | None, split: str) -> float:
+        acc = self.ev.accuracy(i, update, split)
+        self.bar.advance()
+        return acc
+
+
+def fix_evaluations(k: int) -> int:
+    """At most how many evaluations the fixes take: base-accuracy weights and leaving one out are judged on
+    held-out (K and K − 1), the search tries up to SEARCH_MERGES · K merges on validation (K each) and its best on
+    held-out (K)."""
+    return k + (SEARCH_MERGES * k + 1) * k + k - 1
+
+
 def merged_accuracy(ev: Evaluator, merged: Merged, split: str) -> list[float]:
     return [ev.accuracy(i, merged.update, split) for i in merged.members]
 
@@ -501,14 +521,23 @@ def prepare(req: PlanRequest) -> Prepared:
                     tuple(weight_features(updates)))
 
 
-def measure(prep: Prepared, ev: Evaluator) -> Plan:
-    """Base, alone and plain-merge accuracy on both halves; fixes when an adapter does not survive; the choice."""
-    base = {s: [ev.accuracy(i, None, s) for i in range(len(prep.updates))] for s in (VAL, HELD)}
-    m = Measured(ev, base, {s: [ev.accuracy(i, u, s) for i, u in enumerate(prep.updates)] for s in (VAL, HELD)})
-    merged = {s: merged_accuracy(ev, prep.plain, s) for s in (VAL, HELD)}
+def measure(prep: Prepared, ev: Evaluator, bars=None) -> Plan:
+    """Base, alone and plain-merge accuracy on both halves; fixes when an adapter does not survive; the choice.
+    `bars` (console.Bars): a "measure" bar of 6 K evaluations, and a "fixes" bar up to `fix_evaluations`."""
+    k = len(prep.updates)
+    ev_m = ev if bars is None else Progressing(ev, bars.stage("measure", 6 * k))
+    base = {s: [ev_m.accuracy(i, None, s) for i in range(k)] for s in (VAL, HELD)}
+    m = Measured(ev_m, base, {s: [ev_m.accuracy(i, u, s) for i, u in enumerate(prep.updates)] for s in (VAL, HELD)})
+    merged = {s: merged_accuracy(ev_m, prep.plain, s) for s in (VAL, HELD)}
     plain_ret = m.retention(prep.plain, merged[HELD], HELD)
-    fixes = () if all_survive(plain_ret) else tuple(
-        propose_fixes(m, prep.merging, prep.plain, m.retention(prep.plain, merged[VAL], VAL), prep.names))
+    fixes = ()
+    if not all_survive(plain_ret):
+        bar = None if bars is None else bars.stage("fixes", fix_evaluations(k))
+        m_fix = m if bar is None else replace(m, ev=Progressing(ev, bar))
+        fixes = tuple(propose_fixes(m_fix, prep.merging, prep.plain, m.retention(prep.plain, merged[VAL], VAL),
+                                    prep.names))
+        if bar is not None:
+            bar.finish()  # the search stops when a round changes nothing: the bound is rarely reached
     features = tuple(
         {"base_acc": b, "majority_margin": b - s.majority, "ft_acc": a, "gain": a - b, **w}
         for b, a, s, w in zip(m.base[HELD], m.alone[HELD], prep.sets, prep.weight_features))
@@ -518,10 +547,10 @@ def measure(prep: Prepared, ev: Evaluator) -> Plan:
     return Plan(prep, m, merged, features, predicted, fixes, choose(plain_ret, fixes))
 
 
-def make_plan(req: PlanRequest) -> Plan:
+def make_plan(req: PlanRequest, bars=None) -> Plan:
     prep = prepare(req)
     lm = load_model(prep.model)
-    return measure(prep, ModelEvaluator(lm, prep.sets))
+    return measure(prep, ModelEvaluator(lm, prep.sets), bars)
 
 
 # ------------------------------------------------------------------------------------------------ reporting

@@ -97,17 +97,19 @@ def lora_hooks(model: nn.Module, factors: dict[str, tuple[Tensor, ...]], scale: 
 def fit(params: list[Tensor], steps: Sequence, step_loss: Callable, epochs: int, lr: float,
         on_step: Callable[[], None] | None = None):
     """The training loop of every update: AdamW (no weight decay) on `params`, `epochs` passes over `steps`, one
-    optimizer step per step. `step_loss(step)` gives (the loss to minimise, its summed token NLL); the result is
-    the last epoch's sum of the latter: a float, or a tensor (one entry per row) for batched training."""
+    optimizer step per step. `step_loss(step)` gives (the loss to minimise, its summed token NLL), or (None, NLL)
+    when it ran the backward passes itself (micro-batches); the result is the last epoch's sum of the NLLs: a
+    float, or a tensor (one entry per row) for batched training."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     last = 0.0
     with torch.enable_grad():
         for _ in range(epochs):
             last = 0.0
             for step in steps:
-                loss, nll = step_loss(step)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, nll = step_loss(step)
+                if loss is not None:
+                    loss.backward()
                 opt.step()
                 last += nll
                 if on_step is not None:
@@ -292,6 +294,31 @@ def answer_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, *, 
     return nn.functional.cross_entropy(logits, target[keep])
 
 
+def micro_batches(batch: tuple[Tensor, Tensor, Tensor], max_tokens: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """A step's rows in micro-batches of at most `max_tokens` padded tokens (at least one row each): what one
+    backward pass holds. Attention keeps rows x length^2 scores for the backward pass, so a step of 8 long prompts
+    (800 tokens: 9.5 GB with the bundled model) must not run at once (one row: 2.7 GB)."""
+    rows = max(1, max_tokens // batch[0].shape[1])
+    return [tuple(t[s : s + rows] for t in batch) for s in range(0, len(batch[0]), rows)]
+
+
+def _micro_step_loss(model: nn.Module, batch, n: int, max_tokens: int, plain: bool) -> tuple[Tensor | None, float]:
+    """(loss, summed answer NLL) of one step; a step over `max_tokens` runs backward per micro-batch, each weighted
+    by its share of the step's answer tokens, so the gradients add up to the whole step's (loss None: done)."""
+    parts = micro_batches(batch, max_tokens)
+    if len(parts) == 1:
+        loss = answer_loss(model, *batch, plain=plain)
+        return loss, loss.item() * n
+    nll = 0.0
+    for part in parts:
+        n_part = int((part[2][:, 1:] != -100).sum())
+        if n_part:
+            loss = answer_loss(model, *part, plain=plain)
+            (loss * (n_part / n)).backward()
+            nll += loss.item() * n_part
+    return None, nll
+
+
 def _answer_steps(model: nn.Module, tokenizer, examples, batch_size: int) -> tuple[list[tuple], list[int]]:
     """The batches of `task_batches` on the model's device, and the answer tokens each one scores."""
     dev = next(model.parameters()).device
@@ -326,7 +353,8 @@ def train_task_update(
     on_step: Callable[[], None] | None = None,
 ) -> tuple[Update, TrainStats]:
     """One LoRA update for a task: `epochs` passes over its training examples in fixed order, `batch_size` a step,
-    the loss on the answers only (`plain`: HF's full-logits loss, for checking). `on_step` is called after each
+    the loss on the answers only (`plain`: HF's full-logits loss, for checking); a step longer than
+    `cfg.micro_tokens` runs in micro-batches with the same gradient (`micro_batches`). `on_step` is called after each
     optimizer step. TrainStats: the last epoch's answer loss, the base model's perplexity of the answers, the
     mean prompt length in tokens."""
     steps, n_ans = _answer_steps(model, tokenizer, examples, cfg.batch_size)
@@ -335,9 +363,7 @@ def train_task_update(
     base_nll = _answer_nll(model, steps, n_ans, plain)
 
     def step_loss(step):
-        batch, n = step
-        loss = answer_loss(model, *batch, plain=plain)
-        return loss, loss.item() * n
+        return _micro_step_loss(model, *step, cfg.micro_tokens, plain)
 
     with lora_hooks(model, factors, scale):
         last = fit(_params(factors), list(zip(steps, n_ans)), step_loss, cfg.epochs, cfg.step_lr, on_step)

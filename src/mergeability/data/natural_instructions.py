@@ -19,7 +19,8 @@ Each task becomes a directory of the local pool layout (`data/tasks.py`):
   are converted and in whatever order; rows keep the shuffled order, so a split's first rows are a random sample.
 
 The converted pool is written whole (atomically) to `cache_dir()/natural-instructions-pool-{FORMAT}` with a
-manifest of its files' sizes; a later use checks the sizes and loads at once. Bump `FORMAT` when the conversion
+manifest of its files' sizes; a later use checks the sizes and loads at once: paths only, a task's split files being
+read when a run uses them and only as far as it does (`data.tasks.SplitFiles`). Bump `FORMAT` when the conversion
 changes, so cached pools are rebuilt.
 """
 

@@ -3,6 +3,10 @@
 A task's rows are {"id", "input", "output"}: `input` is the whole prompt (definition, examples, instance),
 `output` a list of accepted references (a single string is taken as a one-item list).
 
+A local task is only its split files until a split is asked for (`SplitFiles`): a pool of many tasks holds paths,
+and a split is read when it is used, as far as it is used (`Task.split(name, limit)` stops a JSONL file after
+`limit` rows), and not kept. The Natural Instructions pool is 360 MB of JSONL; a survey uses a few MB of it.
+
 A pool pairs tasks with adapters. Locally it is a directory
 
     POOL/datasets/task{NNN}_{slug}/{train,valid,test}.{jsonl,parquet}
@@ -19,8 +23,10 @@ it is the explicit `train_missing`), and a listing of the whole organisation mus
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from rich.console import Console
@@ -41,15 +47,45 @@ class Example:
     outputs: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class SplitFiles(Mapping):
+    """A local task's splits as their files: `files[split]` is read each time the split is asked for and nothing is
+    kept (the caller holds what it uses), so a pool of many tasks costs only its paths; `head` reads a split's
+    first rows only."""
+
+    files: Mapping[str, Path]
+
+    def __getitem__(self, split: str) -> list[Example]:
+        return read_split(self.files[split])
+
+    def __contains__(self, split: object) -> bool:  # Mapping's default would read the file to find out
+        return split in self.files
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def head(self, split: str, limit: int | None) -> list[Example]:
+        """The split's first `limit` rows (None: all), [] when the task has no such split."""
+        return read_split(self.files[split], limit) if split in self.files else []
+
+
 @dataclass
 class Task:
     name: str  # e.g. task001_country_capital
-    splits: dict[str, list[Example]]
+    splits: Mapping[str, list[Example]]  # a dict of rows, or a local pool's SplitFiles (read when asked for)
     adapter: Path | None = None  # a PEFT adapter directory trained for this task, if the pool has one
     meta: dict = field(default_factory=dict)
 
-    def split(self, name: str) -> list[Example]:
-        rows = self.splits.get(name) or []
+    def split(self, name: str, limit: int | None = None) -> list[Example]:
+        """The split's rows, at most the first `limit` (None: all); a missing or empty split is an error."""
+        if isinstance(self.splits, SplitFiles):
+            rows = self.splits.head(name, limit)
+        else:
+            rows = self.splits.get(name) or []
+            rows = rows if limit is None else rows[:limit]
         if not rows:
             raise MergeabilityError(f"task {self.name} has no {name} split: add {name}.jsonl (or .parquet) to it")
         return rows
@@ -92,23 +128,26 @@ def _example(row: dict, where: str, i: int) -> Example:
     return Example(str(row.get("id") or f"{i}"), row["input"], tuple(out))
 
 
-def read_split(path: Path) -> list[Example]:
-    rows = [_example(r, str(path), i) for i, r in read_rows(path)]
+def read_split(path: Path, limit: int | None = None) -> list[Example]:
+    """A split file's rows, at most the first `limit` (None: all): a JSONL file is read no further than that."""
+    with closing(read_rows(path)) as rows_read:  # closing the generator closes the file it stopped in
+        rows = [_example(r, str(path), i) for i, r in islice(rows_read, limit)]
     if not rows:
         raise MergeabilityError(f"{path}: the file has no rows")
     return rows
 
 
 def load_task_dir(path: Path) -> Task:
-    """One task from a directory of split files; missing splits are left empty (checked where they are used)."""
-    splits = {}
+    """One task from a directory of split files, which are read when a split is used (`SplitFiles`); missing
+    splits are left out (checked where they are used)."""
+    files = {}
     for s in SPLITS:
-        files = [p for p in (path / f"{s}.jsonl", path / f"{s}.parquet") if p.exists()]
-        if files:
-            splits[s] = read_split(files[0])
-    if not splits:
+        found = [p for p in (path / f"{s}.jsonl", path / f"{s}.parquet") if p.exists()]
+        if found:
+            files[s] = found[0]
+    if not files:
         raise MergeabilityError(f"{path}: no split files: a task needs train/valid/test .jsonl or .parquet files")
-    return Task(path.name, splits)
+    return Task(path.name, SplitFiles(files))
 
 
 def load_local_pool(root: str | Path, tasks: Sequence[str] | None = None, max_tasks: int | None = None) -> list[Task]:

@@ -109,10 +109,14 @@ def write_state(out: Path, wanted: dict, rows: list[dict]) -> None:
     write_text(out / "survey.md", markdown(COLUMNS, rows))
 
 
-def prepare_survey(cfg: TaskConfig) -> PreparedTasks:
-    """The pool and the model, checked before any work, as `run tasks` checks them. A survey trains every task it
-    lists (that is what it measures), so the hub's adapter-less datasets are kept."""
+def prepare_survey(cfg: TaskConfig, max_train: int | None = None) -> PreparedTasks:
+    """The pool and the model, checked before any work, as `run tasks` checks them, and the train rows the survey
+    will use (at most `max_train` a task; read and let go). A survey trains every task it lists (that is what it
+    measures), so the hub's adapter-less datasets are kept."""
     tasks = load_task_pool(cfg, train_missing=True)
+    for t in tasks:
+        if t.adapter is None:
+            t.split("train", max_train)
     lm, modules = load_task_model(cfg, tasks)
     return PreparedTasks(cfg, lm, tasks, modules)
 
@@ -121,11 +125,13 @@ def survey_task(prep: PreparedTasks, task: Task, out: Path, max_train: int | Non
     """One task's row: base accuracy, an adapter (the pool's, or trained on at most `max_train` examples),
     fine-tuned accuracy and accuracy at each scale, majority rate, mean prompt tokens."""
     cfg, model, tok = prep.cfg, prep.lm.model, prep.lm.tokenizer
-    n_train = None
+    # The rows this task's row uses, read once (a local pool's files no further than that) and let go with it. A
+    # pool adapter's task needs no train rows: the survey does not record the perplexity adapter_for measures on them.
+    splits = {"test": test_examples(cfg, task)}
     if task.adapter is None:
-        train = task.split("train")[:max_train]
-        task, n_train = replace(task, splits={**task.splits, "train": train}), len(train)
-    test = test_examples(cfg, task)
+        splits["train"] = task.split("train", max_train)
+    task, test = replace(task, splits=splits), splits["test"]
+    n_train = len(splits["train"]) if "train" in splits else None
     base_acc = task_accuracy(cfg, model, tok, task)[0]
     update, loss, _, _ = adapter_for(prep, task, out)
     ft_acc = task_accuracy(cfg, model, tok, task, update)[0]
@@ -147,7 +153,7 @@ def run_survey(cfg: TaskConfig, out: Path, *, max_train: int | None = None,
             raise MergeabilityError(f"{flag} must be at least 1, got {value}")
     wanted = settings(cfg, max_train)
     rows = read_state(out, wanted)
-    prep = prepare_survey(cfg)
+    prep = prepare_survey(cfg, max_train)
     done = {r["task"] for r in rows}
     with progress(console) as bars:
         bar = bars.stage("survey", len(prep.tasks), len(done & {t.name for t in prep.tasks}))

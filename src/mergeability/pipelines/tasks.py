@@ -96,15 +96,19 @@ def prepare_tasks(cfg: TaskConfig) -> PreparedTasks:
 
 def load_task_pool(cfg: TaskConfig, *, train_missing: bool, note=None) -> list:
     """The config's tasks, checked: each has a test split (and a train split if it has no adapter), and every
-    adapter was trained on the run's model. What a run and a survey both need before any work."""
+    adapter was trained on the run's model. What a run and a survey both need before any work.
+
+    A local pool's tasks come as paths (`SplitFiles`): the check reads the test rows a run scores (`max_test`) and a
+    train split's first row, and lets them go; each split is read again, as far as it is used, when its task's turn
+    comes, so a run never holds more than one task's rows."""
     d = cfg.data
     sizes = {"train": d.train_size, "valid": max(1, d.test_size // 2), "test": d.test_size}  # the bundled suite's
     tasks = load_pool(d.pool, d.tasks, seed=cfg.seed, sizes=sizes, max_tasks=d.max_tasks,
                       train_missing=train_missing, note=note)
     for t in tasks:
-        t.split("test")  # a task with no test split cannot be scored: fail before any work
+        test_examples(cfg, t)  # a task with no test split cannot be scored: fail before any work
         if t.adapter is None:
-            t.split("train")
+            t.split("train", 1)  # the whole split is read where it is trained on, as far as the run uses it
     check_bases(((t.name, _base_of(t.adapter)) for t in tasks if t.adapter is not None), cfg.model.name)
     return tasks
 
@@ -119,8 +123,8 @@ def load_task_model(cfg: TaskConfig, tasks: list) -> tuple[LoadedModel, list[str
 
 
 def test_examples(cfg: TaskConfig, task) -> list:
-    ex = task.split("test")
-    return ex if cfg.data.max_test is None else ex[: cfg.data.max_test]
+    """The test rows a run scores: the first `max_test` (a local pool's file is read no further)."""
+    return task.split("test", cfg.data.max_test)
 
 
 def task_accuracy(cfg: TaskConfig, model, tok, task, update=None) -> tuple[float, list[bool], list[str]]:
