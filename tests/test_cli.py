@@ -143,3 +143,12 @@ def test_a_plain_progress_stage_that_ends_below_its_bound_reports_what_was_done(
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("fixes      0/10 (0%)") and lines[-1].startswith("fixes      3/3 (100%)")
     assert len(lines) == 2  # the interval held back the advance's line; finishing prints one
+
+
+def test_a_table_off_a_terminal_is_printed_whole():
+    from mergeability.console import print_table
+
+    buf = io.StringIO()
+    name = "task004_country_region_" + "x" * 60  # wider than 80 columns with the other cells
+    print_table(Console(file=buf, width=80), "t", ["adapter", "base", "alone"], [[name, "0.10", "0.65"]])
+    assert name in buf.getvalue() and max(map(len, buf.getvalue().splitlines())) > 80

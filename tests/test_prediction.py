@@ -94,6 +94,9 @@ def test_predict_resumes_its_proxy_without_new_merges(example_run, monkeypatch):
     again = predict_run(run_dir, QUIET, spec=Predict(n_boot=200))
     assert calls["n"] == 0
     assert [e["rho"] for e in again["evaluations"]] == [e["rho"] for e in first["evaluations"]]
+    # the first predict timed its proxy; a resumed one ran no merge and does not report 0 s as its cost
+    assert first["costs"]["proxy"] > 0 and first["costs"]["proxy_share"] > 0
+    assert again["costs"]["proxy"] is None and again["costs"]["proxy_share"] is None
 
 
 def test_the_report_has_a_predict_section(example_run, capsys):

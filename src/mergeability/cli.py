@@ -443,8 +443,10 @@ def predict(
     print_table(console, f"grouped CV, {result['n']} updates in {result['groups']} groups",
                 ["predictor", "ρ", "95% CI", "AUC lost"], rows)
     c = result["costs"]
+    proxy = ("not timed (resumed from an earlier predict)" if c["proxy_share"] is None
+             else f"{100 * c['proxy_share']:.0f} %")
     console.print(f"best: {result['best']}; no-merge features took {100 * c['no_merge_share']:.0f} % of the "
-                  f"trials' time, the proxy {100 * c['proxy_share']:.0f} %")
+                  f"trials' time, the proxy {proxy}")
     html_path, _ = build_report(run_dir)
     console.print(f"predictor saved in {run_dir / 'predictor.joblib'}; report refreshed: {html_path}")
 

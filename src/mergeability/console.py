@@ -92,6 +92,11 @@ def progress(console: Console, interval: float = INTERVAL) -> Iterator[Bars]:
         yield Bars(console, bars, interval)
 
 
+def natural_width(console: Console, renderable) -> int:
+    """The columns `renderable` takes unconstrained (at least the console's width)."""
+    return max(console.width, console.measure(renderable, options=console.options.update_width(10_000)).maximum)
+
+
 def print_table(console: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """A table of strings; the first column left-aligned, the others right-aligned."""
     t = Table(title=title)
@@ -99,4 +104,14 @@ def print_table(console: Console, title: str, columns: Sequence[str], rows: Sequ
         t.add_column(col, justify="left" if i == 0 else "right")
     for r in rows:
         t.add_row(*r)
-    console.print(t)
+    if console.is_terminal:
+        console.print(t)
+        return
+    # Off a terminal (a log, a pipe) nobody resizes the window: print the table at its natural width rather than
+    # squeeze it into 80 columns, which cut every task name to "task0…" (print's width= can only narrow).
+    width = console.width
+    console.width = natural_width(console, t)
+    try:
+        console.print(t)
+    finally:
+        console.width = width

@@ -617,9 +617,10 @@ def verdict(plan: Plan) -> str:
             f"merge (retention ≥ {SURVIVES:g} on held-out)")
     if not lost:
         return head + "; nothing to fix"
+    do_not = "does not" if len(lost) == 1 else "do not"
     if plan.choice.fix is None:
-        return f"{head}; {', '.join(lost)} do not; no fix recommended: {plan.choice.reason}"
-    return f"{head}; {', '.join(lost)} do not; use {plan.choice.fix}: {plan.choice.reason}"
+        return f"{head}; {', '.join(lost)} {do_not}; no fix recommended: {plan.choice.reason}"
+    return f"{head}; {', '.join(lost)} {do_not}; use {plan.choice.fix}: {plan.choice.reason}"
 
 
 def versions() -> dict[str, str]:

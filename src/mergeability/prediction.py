@@ -170,16 +170,18 @@ def proxy_units(ctx: Context, ids: Sequence[str], size: int) -> list[tuple[str, 
     return [(json.dumps(sorted(s)), {"merge": sorted(s)}) for s in sets]
 
 
-def measure_proxy(ctx: Context, updates: Mapping[str, Update], console) -> dict[str, float]:
-    """id -> correctness (examples) or accuracy (tasks) under one merge of a random set of N + 1 members."""
+def measure_proxy(ctx: Context, updates: Mapping[str, Update], console) -> tuple[dict[str, float], float]:
+    """(id -> correctness (examples) or accuracy (tasks) under one merge of a random set of N + 1 members, the
+    share of the merges run now rather than resumed from the store)."""
     m = ctx.cfg.merge
     units = proxy_units(ctx, list(updates), m.partners + 1)
+    fresh = 1 - len(ctx.store.experiment_rows(PROXY).keys() & {key for key, _ in units}) / len(units)
     reference = ctx.cfg.engine == "plain" if ctx.cfg.kind == "examples" else False
     run_merge_sets(ctx, PROXY, units, updates, console,
                    lambda u: (m.method, dict(m.params), u["merge"], None, reference),
                    lambda p, outcomes: {"members": p[2], "correct": [o.correct for o in outcomes]})
     rows = ctx.store.experiment_rows(PROXY)
-    return {i: c for key, _ in units for i, c in zip(rows[key]["members"], rows[key]["correct"])}
+    return {i: c for key, _ in units for i, c in zip(rows[key]["members"], rows[key]["correct"])}, fresh
 
 
 def _rank_of(updates: Mapping[str, Update]) -> int:
@@ -204,8 +206,9 @@ def gather(ctx: Context, spec: Predict, console) -> Gathered:
         shifts = hidden_shifts(lm.model, lm.tokenizer, prompts, updates, progress=bar.advance)
     seconds["hidden_shift"] = time.perf_counter() - t
     t = time.perf_counter()
-    proxy = measure_proxy(ctx, updates, console)
-    seconds["proxy"] = time.perf_counter() - t
+    proxy, fresh = measure_proxy(ctx, updates, console)
+    # merges resumed from an earlier `predict` cost nothing now: scale what ran, or leave the cost unknown
+    seconds["proxy"] = (time.perf_counter() - t) / fresh if fresh else None
     seconds["trials"] = trial_seconds(ctx, updates)
     feats = {f: v for f, v in store_feats.items() if f != "group"}
     for name in (*next(iter(inter.values())), "shift_ratio", "shift_cos"):
@@ -279,10 +282,12 @@ def trial_seconds(ctx: Context, updates: Mapping[str, Update], sample: int = 16)
 
 
 def costs(seconds: Mapping[str, float]) -> dict:
-    """Each feature group's seconds beside the trials' (`seconds["trials"]`, from `trial_seconds`)."""
-    no_merge = seconds["interference"] + seconds["hidden_shift"]
-    return {**{k: round(v, 2) for k, v in seconds.items()}, "no_merge_share": no_merge / seconds["trials"],
-            "proxy_share": seconds["proxy"] / seconds["trials"]}
+    """Each feature group's seconds beside the trials' (`seconds["trials"]`, from `trial_seconds`); the proxy's
+    are None when every one of its merges was resumed from an earlier `predict` (not timed)."""
+    no_merge, proxy = seconds["interference"] + seconds["hidden_shift"], seconds["proxy"]
+    return {**{k: None if v is None else round(v, 2) for k, v in seconds.items()},
+            "no_merge_share": no_merge / seconds["trials"],
+            "proxy_share": None if proxy is None else proxy / seconds["trials"]}
 
 
 def feature_table(g: Gathered) -> str:
