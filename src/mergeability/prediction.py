@@ -175,13 +175,12 @@ def measure_proxy(ctx: Context, updates: Mapping[str, Update], console) -> tuple
     share of the merges run now rather than resumed from the store)."""
     m = ctx.cfg.merge
     units = proxy_units(ctx, list(updates), m.partners + 1)
-    fresh = 1 - len(ctx.store.experiment_rows(PROXY).keys() & {key for key, _ in units}) / len(units)
     reference = ctx.cfg.engine == "plain" if ctx.cfg.kind == "examples" else False
-    run_merge_sets(ctx, PROXY, units, updates, console,
-                   lambda u: (m.method, dict(m.params), u["merge"], None, reference),
-                   lambda p, outcomes: {"members": p[2], "correct": [o.correct for o in outcomes]})
+    ran = run_merge_sets(ctx, PROXY, units, updates, console,
+                         lambda u: (m.method, dict(m.params), u["merge"], None, reference),
+                         lambda p, outcomes: {"members": p[2], "correct": [o.correct for o in outcomes]})
     rows = ctx.store.experiment_rows(PROXY)
-    return {i: c for key, _ in units for i, c in zip(rows[key]["members"], rows[key]["correct"])}, fresh
+    return {i: c for key, _ in units for i, c in zip(rows[key]["members"], rows[key]["correct"])}, ran / len(units)
 
 
 def _rank_of(updates: Mapping[str, Update]) -> int:

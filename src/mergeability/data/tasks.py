@@ -79,13 +79,15 @@ class Task:
     adapter: Path | None = None  # a PEFT adapter directory trained for this task, if the pool has one
     meta: dict = field(default_factory=dict)
 
-    def split(self, name: str, limit: int | None = None) -> list[Example]:
-        """The split's rows, at most the first `limit` (None: all); a missing or empty split is an error."""
+    def rows(self, name: str, limit: int | None = None) -> list[Example]:
+        """The split's rows, at most the first `limit` (None: all); [] when the task has no such split."""
         if isinstance(self.splits, SplitFiles):
-            rows = self.splits.head(name, limit)
-        else:
-            rows = self.splits.get(name) or []
-            rows = rows if limit is None else rows[:limit]
+            return self.splits.head(name, limit)
+        return list(self.splits.get(name) or [])[:limit]
+
+    def split(self, name: str, limit: int | None = None) -> list[Example]:
+        """`rows`, where a missing or empty split is an error."""
+        rows = self.rows(name, limit)
         if not rows:
             raise MergeabilityError(f"task {self.name} has no {name} split: add {name}.jsonl (or .parquet) to it")
         return rows

@@ -79,9 +79,10 @@ def add_trials(ctx: Context, updates: dict, label: str, console, *, method: str,
 
 
 def run_merge_sets(ctx: Context, name: str, units: Sequence[tuple[str, dict]], updates: dict, console,
-                   payload: Callable[[dict], tuple], result: Callable[[tuple, list], dict]) -> None:
+                   payload: Callable[[dict], tuple], result: Callable[[tuple, list], dict]) -> int:
     """Merge each unit's set once and evaluate every member under that merge; store `result(payload, outcomes)`
-    under (name, unit key). `payload(unit)` = (method, params, members, weights, reference). Resumes."""
+    under (name, unit key). `payload(unit)` = (method, params, members, weights, reference). Resumes: returns
+    how many units ran now (the others were in the store)."""
     done = ctx.store.experiment_rows(name)
     todo = [(key, unit) for key, unit in units if key not in done]
     payloads = [payload(unit) for _, unit in todo]
@@ -90,3 +91,4 @@ def run_merge_sets(ctx: Context, name: str, units: Sequence[tuple[str, dict]], u
         for i, outcomes in workers.map(merge_set_job, payloads):
             ctx.store.add_experiment(name, todo[i][0], result(payloads[i], outcomes))
             bar.advance()
+    return len(todo)

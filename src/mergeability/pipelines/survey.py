@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -38,10 +37,10 @@ from mergeability.pipelines.stages import write_scores
 from mergeability.pipelines.tasks import (
     PreparedTasks,
     adapter_for,
+    in_memory,
     load_task_model,
     load_task_pool,
     task_accuracy,
-    test_examples,
 )
 
 SCALES = (0.1, 0.25, 0.5, 1.0)
@@ -125,13 +124,10 @@ def survey_task(prep: PreparedTasks, task: Task, out: Path, max_train: int | Non
     """One task's row: base accuracy, an adapter (the pool's, or trained on at most `max_train` examples),
     fine-tuned accuracy and accuracy at each scale, majority rate, mean prompt tokens."""
     cfg, model, tok = prep.cfg, prep.lm.model, prep.lm.tokenizer
-    # The rows this task's row uses, read once (a local pool's files no further than that) and let go with it. A
-    # pool adapter's task needs no train rows: the survey does not record the perplexity adapter_for measures on them.
-    splits = {"test": test_examples(cfg, task)}
-    if task.adapter is None:
-        splits["train"] = task.split("train", max_train)
-    task, test = replace(task, splits=splits), splits["test"]
-    n_train = len(splits["train"]) if "train" in splits else None
+    # A pool adapter's task needs no train rows: the survey does not record the perplexity adapter_for measures on them.
+    task = in_memory(cfg, task, train=task.adapter is None, max_train=max_train)
+    test = task.splits["test"]
+    n_train = len(task.splits["train"]) if "train" in task.splits else None
     base_acc = task_accuracy(cfg, model, tok, task)[0]
     update, loss, _, _ = adapter_for(prep, task, out)
     ft_acc = task_accuracy(cfg, model, tok, task, update)[0]

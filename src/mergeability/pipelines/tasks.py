@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -127,6 +127,17 @@ def test_examples(cfg: TaskConfig, task) -> list:
     return task.split("test", cfg.data.max_test)
 
 
+def in_memory(cfg: TaskConfig, task, *, train: bool, max_train: int | None = None):
+    """The task with the rows a run uses read once into memory: the test rows it scores (`max_test`) and, with
+    `train`, at most `max_train` train rows (when it has any). Scoring, training and statistics then share them
+    instead of reading a local pool's files again each time."""
+    splits = {"test": test_examples(cfg, task)}
+    rows = task.rows("train", max_train) if train else []
+    if rows:
+        splits["train"] = rows
+    return replace(task, splits=splits)
+
+
 def task_accuracy(cfg: TaskConfig, model, tok, task, update=None) -> tuple[float, list[bool], list[str]]:
     """(accuracy, per-example correctness, predictions) on the task's test examples, with the run's settings."""
     return evaluate_task(model, tok, test_examples(cfg, task), update, batch_size=cfg.data.eval_batch,
@@ -135,7 +146,7 @@ def task_accuracy(cfg: TaskConfig, model, tok, task, update=None) -> tuple[float
 
 def task_evaluator(prep: PreparedTasks):
     """evaluate(trials, merged) -> [Outcome]: each trial's task accuracy with its merged update."""
-    by_name = {t.name: t for t in prep.tasks}
+    by_name = {t.name: in_memory(prep.cfg, t, train=False) for t in prep.tasks}  # not a file read per trial
     model, tok = prep.lm.model, prep.lm.tokenizer
 
     def evaluate(trials, merged):
@@ -154,8 +165,8 @@ def adapter_for(prep: PreparedTasks, task, out: Path):
     pool adapter whose task has no train split: the data it was trained on is not there to measure."""
     cfg, model, tok = prep.cfg, prep.lm.model, prep.lm.tokenizer
     if task.adapter is not None:
-        train = task.splits.get("train")
-        ppl = answer_perplexity(model, tok, train[:PPL_SAMPLE], cfg.training.batch_size) if train else None
+        train = task.rows("train", PPL_SAMPLE)
+        ppl = answer_perplexity(model, tok, train, cfg.training.batch_size) if train else None
         return load_update(task.adapter), None, ppl, str(task.adapter.resolve())
     update, stats = train_task_update(model, tok, task.split("train"), prep.modules, cfg.training, seed=cfg.seed,
                                       key=task.name, base_model=cfg.model.name)
@@ -169,11 +180,11 @@ def measure_tasks(prep: PreparedTasks, store, out: Path, bars) -> None:
     cfg, model, tok = prep.cfg, prep.lm.model, prep.lm.tokenizer
     done = store.ids("tasks", "name")
     bar = bars.stage("tasks", len(prep.tasks), len(done & {t.name for t in prep.tasks}))
-    for task in (t for t in prep.tasks if t.name not in done):
+    for task in (in_memory(cfg, t, train=True) for t in prep.tasks if t.name not in done):
         base_acc, base_correct, _ = task_accuracy(cfg, model, tok, task)
         update, loss, ppl, path = adapter_for(prep, task, out)
         ft_acc, ft_correct, _ = task_accuracy(cfg, model, tok, task, update)
-        test, train = test_examples(cfg, task), task.splits.get("train")
+        test, train = task.splits["test"], task.splits.get("train")
         prompt_tokens = sum(len(tok(e.input).input_ids) for e in test) / len(test)
         store.add_task(dict(name=task.name, path=path, base_acc=base_acc, ft_acc=ft_acc,
                             base_correct=[int(c) for c in base_correct], ft_correct=[int(c) for c in ft_correct],
