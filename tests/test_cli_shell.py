@@ -200,8 +200,15 @@ def test_help_shows_the_config_value_of_every_flag_it_supplies():
     assert shown["popqa"]["layer"] == "the middle one"
     assert shown["tasks"]["partners"] == str(tasks.merge.partners)
     assert shown["tasks"]["rank"] == str(tasks.training.rank)
-    bundled = config.TASK_PRESETS[cli.TASKS_PRESET]["data"]["threshold"]
-    assert shown["tasks"]["threshold"].startswith(f"{bundled}; {tasks.data.threshold} ")
+    assert config.TASK_PRESETS[cli.TASKS_PRESET]["data"]["threshold"] == tasks.data.threshold
+    assert shown["tasks"]["threshold"] == str(tasks.data.threshold)  # the preset agrees with the default: once
+
+
+def test_help_names_both_values_where_the_tasks_preset_differs(monkeypatch):
+    preset = {**config.TASK_PRESETS[cli.TASKS_PRESET]}
+    preset["data"] = {**preset["data"], "threshold": 0.5}
+    monkeypatch.setitem(config.TASK_PRESETS, cli.TASKS_PRESET, preset)
+    assert shown_defaults()["tasks"]["threshold"].startswith(f"0.5; {config.TaskConfig().data.threshold} with ")
 
 
 def test_rendered_help_has_each_default(capsys, monkeypatch):

@@ -189,8 +189,7 @@ def test_max_tasks_caps_every_pool_by_task_number(tmp_path):
         write_rows(root / "datasets" / name / "test.jsonl", [{"input": "w1", "output": "w2"}])
     assert [t.name for t in load_pool(str(root), max_tasks=2)] == ["task2_b", "task003_c"]
     assert [t.name for t in load_pool(str(root), ["10", "3"], max_tasks=1)] == ["task003_c"]
-    assert [t.name for t in load_pool("bundled", max_tasks=2)] == ["task001_country_capital",
-                                                                   "task002_capital_country"]
+    assert [t.name for t in load_pool("bundled", max_tasks=2)] == ["task001_copy_word", "task002_first_letter"]
     with pytest.raises(MergeabilityError, match="--max-tasks must be at least 1, got 0"):
         from_flat("tasks", max_tasks=0)
 

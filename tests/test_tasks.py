@@ -84,6 +84,34 @@ def test_bundled_suite_is_deterministic_with_disjoint_splits():
     assert build_suite(seed=4)[0].splits != suite[0].splits
 
 
+def test_bundled_suite_tasks_have_disjoint_inputs_and_formats():
+    """No input is asked of two tasks (each adapter owns its inputs), down to the shape of the input: with each
+    digit, lowercase run and capitalised word reduced to one symbol, every task's shapes are its own."""
+    import re
+
+    from mergeability.data.suite import build_suite
+
+    suite = build_suite(train=64, valid=50, test=100)  # the bundled preset's sizes
+    instances = {t.name: set(t.meta["instances"]) for t in suite}
+    assert all(len(x) == 64 + 50 + 100 + 1 for x in instances.values())
+    shape = lambda x: re.sub(r"[a-z]+", "a", re.sub(r"[A-Z][a-z]*", "A", re.sub(r"[0-9]", "9", x)))  # noqa: E731
+    shapes = {n: {shape(x) for x in xs} for n, xs in instances.items()}
+    for a in suite:
+        for b in suite:
+            if a.name < b.name:
+                assert not instances[a.name] & instances[b.name], (a.name, b.name)
+                assert not shapes[a.name] & shapes[b.name], (a.name, b.name)
+
+
+def test_a_suite_whose_tasks_share_an_input_is_refused(monkeypatch):
+    from mergeability.data import suite
+
+    definition, gen = suite.TASKS["task001_copy_word"]
+    monkeypatch.setitem(suite.TASKS, "task099_copy_again", ("Say the word again.", gen))  # same inputs, same rng
+    with pytest.raises(MergeabilityError, match="share the input"):
+        suite.build_suite(["task001_copy_word", "task099_copy_again"])
+
+
 def test_exact_match_normalisation():
     from mergeability.exact_match import exact_match, normalize_answer
 
