@@ -34,8 +34,7 @@ MONTHS = "January February March April May June July August September October No
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 _EMAIL_TLDS = ("com", "org", "net", "io")
 # web addresses end in one of many: the base model, copying its example's, is right about one time in 18
-_WEB_TLDS = ("com", "org", "net", "io", "de", "fr", "edu", "gov", "uk", "nl", "it", "es", "jp", "ca", "au", "ch",
-             "se", "no")
+_WEB_TLDS = _EMAIL_TLDS + ("de", "fr", "edu", "gov", "uk", "nl", "it", "es", "jp", "ca", "au", "ch", "se", "no")
 _SHARES = 4  # the place-name words are cut into this many shares by a hash: room for more word tasks, each its own
 
 
@@ -48,9 +47,11 @@ def _place_words() -> list[str]:
     return sorted(w for w in names if w.isalpha() and w.isascii() and 4 <= len(w) <= 7)
 
 
-def _share(k: int) -> list[str]:
-    """The k-th share of the place-name words (a stable hash decides): word tasks never draw the same word."""
-    return [w for w in _place_words() if zlib.crc32(w.encode()) % _SHARES == k]
+@functools.lru_cache(maxsize=_SHARES)
+def _share(k: int) -> tuple[str, ...]:
+    """The k-th share of the place-name words (a stable hash decides): word tasks never draw the same word. Cached:
+    a generator draws from it once per instance."""
+    return tuple(w for w in _place_words() if zlib.crc32(w.encode()) % _SHARES == k)
 
 
 def made_up_word(rng, syllables: tuple[int, int] = (2, 3)) -> str:
