@@ -177,6 +177,24 @@ def test_survey_resumes_per_task_and_refuses_other_settings(long_tiny_dir, tmp_p
     assert json.loads((out / "survey.json").read_text()) == state  # refused: nothing rewritten
 
 
+def test_the_base_only_screen_gives_the_surveys_base_columns_and_trains_nothing(long_tiny_dir, tmp_path, monkeypatch):
+    pool = _known_pool(tmp_path / "pool")
+    cfg = cfg_for(long_tiny_dir, pool, max_new_tokens=1)
+    full = run_survey(cfg, tmp_path / "full", max_train=4, console=QUIET)
+    monkeypatch.setattr(survey, "adapter_for", lambda *a: pytest.fail("the screen trained an adapter"))
+    console = Console(file=io.StringIO(), width=100)
+    screen = run_survey(cfg, tmp_path / "screen", base_only=True, console=console)
+    measured = ["task", "n_test", "majority_answer", "majority", "base_acc", "prompt_tokens"]
+    assert [{c: r[c] for c in measured} for r in screen] == [{c: r[c] for c in measured} for r in full]
+    assert all(r[c] is None for r in screen for c in COLUMNS if c not in measured)
+    assert not (tmp_path / "screen" / "updates").exists()
+    with (tmp_path / "screen" / "survey.csv").open() as f:
+        assert [r["ft_acc"] for r in csv.DictReader(f)] == ["", ""]
+    assert "| - |" in (tmp_path / "screen" / "survey.md").read_text() and " - " in console.file.getvalue()
+    with pytest.raises(MergeabilityError, match=r"other settings \(base_only\)"):  # a screen is not a survey
+        run_survey(cfg, tmp_path / "screen", console=QUIET)
+
+
 def test_survey_bad_input_is_one_line_and_writes_nothing(long_tiny_dir, tmp_path):
     pool = _known_pool(tmp_path / "pool")
     (pool / "datasets" / "task002_even" / "test.jsonl").unlink()

@@ -498,12 +498,15 @@ def tasks_survey_cmd(
         help="Train each adapter on at most this many examples of the train split.", show_default="all")] = None,
     max_tasks: Annotated[Optional[int], typer.Option(
         help="Survey at most this many tasks, the first by task number.", show_default="no cap")] = None,
+    base_only: Annotated[bool, typer.Option(
+        "--base-only", help="A quick screen: base accuracy, majority rate and prompt tokens; no adapter trained.")
+    ] = False,
     device: Device = None,
     dtype: Dtype = None,
     seed: Seed = None,
 ) -> None:
     """Per task: base and fine-tuned exact-match accuracy, majority-class rate, mean prompt tokens, and the
-    adapter's accuracy alone at scales 0.1, 0.25, 0.5 and 1 (survey.csv, survey.md)."""
+    adapter's accuracy alone at scales 0.1, 0.25, 0.5 and 1 (survey.csv, survey.md); --base-only: the first three."""
     # deferred for start time: the survey pulls in torch and transformers
     from mergeability.config import load_config, override
     from mergeability.pipelines.stages import safe_name
@@ -512,7 +515,7 @@ def tasks_survey_cmd(
     cfg = override(load_config(None, None, kind="tasks"), pool=pool, tasks=_split(tasks), model=model,
                    max_test=max_test, max_tasks=max_tasks, device=device, dtype=dtype, seed=seed)
     out = out or Path("runs") / f"survey-{safe_name(Path(pool).name or pool)}"
-    run_survey(cfg, out, max_train=max_train, console=console)
+    run_survey(cfg, out, max_train=max_train, base_only=base_only, console=console)
     console.print(f"wrote {out / 'survey.csv'} and {out / 'survey.md'}")
 
 

@@ -5,7 +5,9 @@ adapter alone at each scale s of `SCALES`.
 Training and evaluation are the task pipeline's (`adapter_for`, `task_accuracy`): the same `TaskConfig` gives the
 same base and fine-tuned accuracy as `run tasks`. The adapter at scale s is s·ΔW (task arithmetic with λ = s on
 the adapter alone), so s = 1 is the fine-tuned accuracy itself. `max_train` caps the examples an adapter is trained
-on (the first of the train split; pool splits are shuffled, so a random sample).
+on (the first of the train split; pool splits are shuffled, so a random sample). `base_only` is the quick screen
+before that: base accuracy, majority rate and prompt length, no adapter trained (the other columns empty) — minutes
+a task where training takes many on a CPU, and enough to tell whether a pool has any task its model already solves.
 
 Majority-class rate: the accuracy of always giving the one answer that scores best, i.e. the largest share of
 the evaluated test items whose references include one answer (after the scorer's normalisation). A task whose
@@ -63,12 +65,14 @@ def majority(examples: Sequence[Example]) -> tuple[str, float]:
     return answer, n / len(examples)
 
 
-def settings(cfg: TaskConfig, max_train: int | None) -> dict:
-    """What decides a survey's numbers: a resumed survey must have the same."""
+def settings(cfg: TaskConfig, max_train: int | None, base_only: bool = False) -> dict:
+    """What decides a survey's numbers: a resumed survey must have the same (a screen is not a survey)."""
     m, d = cfg.model, cfg.data
     return {"pool": d.pool, "model": m.name, "revision": m.revision, "dtype": m.dtype, "max_test": d.max_test,
             "max_train": max_train, "max_new_tokens": d.max_new_tokens, "seed": cfg.seed,
-            "training": cfg.training.to_dict(), "train_size": d.train_size, "test_size": d.test_size}
+            "training": cfg.training.to_dict(), "train_size": d.train_size, "test_size": d.test_size,
+            # only a screen says so: a full survey written before screens existed still resumes
+            **({"base_only": True} if base_only else {})}
 
 
 def read_state(out: Path, wanted: dict) -> list[dict]:
@@ -108,53 +112,56 @@ def write_state(out: Path, wanted: dict, rows: list[dict]) -> None:
     write_text(out / "survey.md", markdown(COLUMNS, rows))
 
 
-def prepare_survey(cfg: TaskConfig, max_train: int | None = None) -> PreparedTasks:
+def prepare_survey(cfg: TaskConfig, max_train: int | None = None, base_only: bool = False) -> PreparedTasks:
     """The pool and the model, checked before any work, as `run tasks` checks them, and the train rows the survey
-    will use (at most `max_train` a task; read and let go). A survey trains every task it lists (that is what it
-    measures), so the hub's adapter-less datasets are kept."""
+    will use (at most `max_train` a task; read and let go; none for a screen). A survey trains every task it lists
+    (that is what it measures), so the hub's adapter-less datasets are kept."""
     tasks = load_task_pool(cfg, train_missing=True)
     for t in tasks:
-        if t.adapter is None:
+        if t.adapter is None and not base_only:
             t.split("train", max_train)
     lm, modules = load_task_model(cfg, tasks)
     return PreparedTasks(cfg, lm, tasks, modules)
 
 
-def survey_task(prep: PreparedTasks, task: Task, out: Path, max_train: int | None) -> dict:
-    """One task's row: base accuracy, an adapter (the pool's, or trained on at most `max_train` examples),
-    fine-tuned accuracy and accuracy at each scale, majority rate, mean prompt tokens."""
+def survey_task(prep: PreparedTasks, task: Task, out: Path, max_train: int | None, base_only: bool = False) -> dict:
+    """One task's row: base accuracy, majority rate, mean prompt tokens and, unless `base_only`, an adapter (the
+    pool's, or trained on at most `max_train` examples), its fine-tuned accuracy and its accuracy at each scale."""
     cfg, model, tok = prep.cfg, prep.lm.model, prep.lm.tokenizer
     # A pool adapter's task needs no train rows: the survey does not record the perplexity adapter_for measures on them.
-    task = in_memory(cfg, task, train=task.adapter is None, max_train=max_train)
+    task = in_memory(cfg, task, train=task.adapter is None and not base_only, max_train=max_train)
     test = task.splits["test"]
-    n_train = len(task.splits["train"]) if "train" in task.splits else None
-    base_acc = task_accuracy(cfg, model, tok, task)[0]
-    update, loss, _, _ = adapter_for(prep, task, out)
-    ft_acc = task_accuracy(cfg, model, tok, task, update)[0]
-    scaled = {"acc_s1": ft_acc}  # s·ΔW alone; at s = 1 that is the fine-tuned model, already measured
-    for s in (s for s in SCALES if s != 1.0):
-        scaled[f"acc_s{s:g}"] = task_accuracy(cfg, model, tok, task, TaskArithmetic(lam=s).merge([update]))[0]
     answer, rate = majority(test)
-    prompt_tokens = sum(len(tok(e.input).input_ids) for e in test) / len(test)
-    return {"task": task.name, "n_train": n_train, "n_test": len(test), "majority_answer": answer, "majority": rate,
-            "base_acc": base_acc, "ft_acc": ft_acc, **scaled, "prompt_tokens": prompt_tokens, "train_loss": loss}
+    row = {c: None for c in COLUMNS} | {
+        "task": task.name, "n_train": len(task.splits["train"]) if "train" in task.splits else None,
+        "n_test": len(test), "majority_answer": answer, "majority": rate,
+        "base_acc": task_accuracy(cfg, model, tok, task)[0],
+        "prompt_tokens": sum(len(tok(e.input).input_ids) for e in test) / len(test)}
+    if base_only:
+        return row
+    update, row["train_loss"], _, _ = adapter_for(prep, task, out)
+    row["ft_acc"] = row["acc_s1"] = task_accuracy(cfg, model, tok, task, update)[0]  # s = 1 is the fine-tuned model
+    for s in (s for s in SCALES if s != 1.0):  # s·ΔW alone
+        row[f"acc_s{s:g}"] = task_accuracy(cfg, model, tok, task, TaskArithmetic(lam=s).merge([update]))[0]
+    return row
 
 
-def run_survey(cfg: TaskConfig, out: Path, *, max_train: int | None = None,
+def run_survey(cfg: TaskConfig, out: Path, *, max_train: int | None = None, base_only: bool = False,
                console: Console | None = None) -> list[dict]:
-    """Survey every task of `cfg.data.pool` (or `cfg.data.tasks`) into `out`, resuming what is there; the rows."""
+    """Survey every task of `cfg.data.pool` (or `cfg.data.tasks`) into `out`, resuming what is there; the rows.
+    `base_only`: the screen without adapters (see the module docstring)."""
     console = console or Console()
     for flag, value in (("--max-train", max_train), ("--max-test", cfg.data.max_test)):
         if value is not None and value < 1:
             raise MergeabilityError(f"{flag} must be at least 1, got {value}")
-    wanted = settings(cfg, max_train)
+    wanted = settings(cfg, max_train, base_only)
     rows = read_state(out, wanted)
-    prep = prepare_survey(cfg, max_train)
+    prep = prepare_survey(cfg, max_train, base_only)
     done = {r["task"] for r in rows}
     with progress(console) as bars:
         bar = bars.stage("survey", len(prep.tasks), len(done & {t.name for t in prep.tasks}))
         for task in (t for t in prep.tasks if t.name not in done):
-            rows.append(survey_task(prep, task, out, max_train))
+            rows.append(survey_task(prep, task, out, max_train, base_only))
             write_state(out, wanted, rows)
             bar.advance()
     names = [t.name for t in prep.tasks]
@@ -164,8 +171,7 @@ def run_survey(cfg: TaskConfig, out: Path, *, max_train: int | None = None,
     return shown
 
 
-
 def _console_row(r: dict) -> list[str]:
-    cells = [f"{r[c]:.0f}" if c == "prompt_tokens" else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
+    cells = [f"{r[c]:.0f}" if c == "prompt_tokens" else f"{r[c]:.2f}" if isinstance(r[c], float) else _cell(r[c])
              for c in CONSOLE_COLUMNS]
     return [r["task"].split("_", 1)[0], *cells]
