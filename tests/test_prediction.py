@@ -45,6 +45,7 @@ def example_run(tiny_model_dir, tmp_path_factory):
 def test_predict_writes_metrics_baselines_and_a_predictor(example_run):
     run_dir, result = example_run
     assert {(run_dir / f).is_file() for f in (PREDICTOR, RESULT, TABLE)} == {True}
+    json.loads((run_dir / RESULT).read_text(), parse_constant=lambda c: pytest.fail(f"predict.json holds {c}"))
     names = {e["name"]: e for e in result["evaluations"]}
     assert {"linear", "boosting", "proxy", "gap", "cos_rest", "pairwise_cos", "subspace_overlap"} <= set(names)
     for e in result["evaluations"]:

@@ -13,7 +13,7 @@ import torch
 import mergeability.run as run
 from conftest import cfg_for, random_update, run_cli
 from mergeability import MergeabilityError, load_update
-from mergeability.atomic import atomic_dir, atomic_file, default_mode
+from mergeability.atomic import atomic_dir, atomic_file, default_mode, write_json
 from mergeability.config import load_config
 from mergeability.store import Store
 from mergeability.updates import save_update
@@ -412,3 +412,19 @@ def test_reading_a_live_run_is_allowed(runs):
 def test_copies_of_runs_still_open(runs, tmp_path):
     shutil.copytree(runs["tasks"], tmp_path / "copy")
     assert run.run_config(tmp_path / "copy").kind == "tasks"
+
+
+def _strict(text: str):
+    """JSON as a strict reader takes it: NaN and Infinity are not JSON."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+
+def test_written_json_is_strict(tmp_path):
+    import numpy as np
+
+    obj = {"nan": float("nan"), "inf": [1.5, -float("inf")], "np": (np.float32(0.25), np.int64(3), np.float64("nan")),
+           "arr": np.array([[1.0, np.nan]]), "ok": [True, None, "x"]}
+    write_json(tmp_path / "a.json", obj)
+    assert _strict((tmp_path / "a.json").read_text()) == {
+        "nan": None, "inf": [1.5, None], "np": [0.25, 3, None], "arr": [[1.0, None]], "ok": [True, None, "x"]}
+    assert not [p for p in tmp_path.iterdir() if p.name != "a.json"]  # nothing half-written beside it

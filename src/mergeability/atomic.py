@@ -9,6 +9,9 @@ written gets the modes `open` and `mkdir` would give (the umask decides), not th
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import numbers
 import os
 import secrets
 import shutil
@@ -68,6 +71,27 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def jsonable(x):
+    """`x` as strict JSON takes it: NaN and infinities as null (JSON has no NaN: other readers reject it), tuples
+    and arrays as lists, numpy scalars as Python numbers."""
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) or hasattr(x, "tolist"):
+        return [jsonable(v) for v in (x.tolist() if hasattr(x, "tolist") else x)]
+    return x
+
+
+def write_json(path: str | Path, obj, indent: int | None = 1) -> None:
+    """`obj` as strict JSON (see `jsonable`), written atomically."""
+    write_text(path, json.dumps(jsonable(obj), indent=indent, allow_nan=False) + "\n")
 
 
 def make_parents(directory: Path) -> list[Path]:

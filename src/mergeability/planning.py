@@ -15,7 +15,6 @@ the search cannot grade its own homework. `RULE` says which fix is recommended.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import platform
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from typing import Protocol
 import torch
 
 from mergeability.adapters import check_distinct, check_out, load_adapters, parse_params
-from mergeability.atomic import check_creatable, write_text
+from mergeability.atomic import check_creatable, jsonable, write_json
 from mergeability.config import ExampleData, MergeConfig
 from mergeability.data.facts import REQUIRED, load_file, read_rows
 from mergeability.data.mc import alias_key, build_items
@@ -630,17 +629,6 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _clean(x):
-    """JSON-able: NaN and infinities as null, tuples as lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
 def fix_record(f: Fix, names: Sequence[str]) -> dict:
     return {"name": f.name, "kind": f.kind, "weights": list(f.weights), "retention": list(f.retention),
             "accuracy": list(f.accuracy), "worst": worst(f.retention), "all_survive": all_survive(f.retention),
@@ -665,7 +653,7 @@ def plan_record(plan: Plan) -> dict:
     p = plan.prep
     pred = None if p.predictor is None else {"path": str(p.req.predictor), "level": p.predictor.level,
                                              "features": list(p.predictor.features)}
-    return _clean({
+    return jsonable({
         "adapters": adapter_records(plan), "model": p.model, "method": p.merging.merger.name,
         "params": params_of(p.merging.merger), "max_rank": p.req.max_rank, "energy_kept": p.plain.energy,
         "survives_at": SURVIVES, "seed": p.req.seed, "max_test": p.req.max_test, "predictor": pred,
@@ -681,7 +669,7 @@ def chosen_update(plan: Plan) -> Update:
     meta = dict(merged.update.meta)
     meta["merge"] = {**meta.get("merge", {}), "method": p.merging.merger.name, "params": params_of(p.merging.merger),
                      "weights": list(merged.weights), "sources": [str(p.req.adapters[i]) for i in merged.members]}
-    meta["plan"] = _clean({"choice": plan.choice.fix or "the plain merge", "reason": plan.choice.reason,
+    meta["plan"] = jsonable({"choice": plan.choice.fix or "the plain merge", "reason": plan.choice.reason,
                            "rule": RULE, "left_out": None if fix is None or fix.left_out is None
                            else str(p.req.adapters[fix.left_out]), "max_rank": p.req.max_rank,
                            "energy_kept": merged.energy, "seed": p.req.seed})
@@ -693,7 +681,7 @@ def write_outputs(plan: Plan) -> list[Path]:
     req, written = plan.prep.req, []
     if req.json is not None:
         Path(req.json).parent.mkdir(parents=True, exist_ok=True)
-        write_text(req.json, json.dumps(plan_record(plan), indent=1) + "\n")
+        write_json(req.json, plan_record(plan))
         written.append(Path(req.json))
     if req.out is not None:
         written.append(save_update(chosen_update(plan), req.out, force=req.force))

@@ -32,7 +32,7 @@ from mergeability.activations import hidden_shifts
 from mergeability.analysis import predict as cv
 from mergeability.analysis.features import FEATURES as EXAMPLE_FEATURES
 from mergeability.analysis.features import load_features
-from mergeability.atomic import atomic_file, write_text
+from mergeability.atomic import atomic_file, write_json, write_text
 from mergeability.console import progress
 from mergeability.errors import MergeabilityError
 from mergeability.estimate import plan_trials, trial_chunk
@@ -309,7 +309,7 @@ def write_outputs(run_dir: Path, ctx: Context, g: Gathered, result: dict, spec: 
                groups=int(np.unique(g.groups).size), costs=costs(g.seconds),
                thresholds={"lost": cv.LOST, "survives": cv.SURVIVES}, provenance=prov)
     write_text(run_dir / TABLE, feature_table(g))
-    write_text(run_dir / RESULT, json.dumps(out, indent=1, default=float))
+    write_json(run_dir / RESULT, out)
     saved = {"model": result["model"], "features": result["features"], "level": cfg.kind,
              "meta": {"best": result["best"], "version": __version__, "run": str(run_dir)}}
     with atomic_file(run_dir / PREDICTOR, suffix=".joblib") as tmp:
