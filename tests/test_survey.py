@@ -219,5 +219,9 @@ def test_the_cli_surveys_a_pool(long_tiny_dir, ni_fixture, tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert [(r["task"], r["n_train"], r["n_test"]) for r in table] == [(NI_NAMES[2], "4", "1")]
     assert "survey.csv" in stdout
+    code, _, err = run_cli(["tasks", "survey", "natural-instructions", "--model", long_tiny_dir, "--out",
+                            tmp_path / "screen", "--tasks", "50", "--max-test", "1", "--base-only"], capsys)
+    with (tmp_path / "screen" / "survey.csv").open() as f:
+        assert code == 0 and [(r["task"], r["ft_acc"]) for r in csv.DictReader(f)] == [(NI_NAMES[2], "")], err
     code, _, err = run_cli(["tasks", "survey", str(tmp_path / "nowhere"), "--model", long_tiny_dir], capsys)
     assert code == 2 and err.startswith("error: unknown task pool") and err.count("\n") == 1
