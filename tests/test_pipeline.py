@@ -271,3 +271,23 @@ def test_locality_refuses_a_run_where_no_fixed_set_forms(tiny_model_dir, dataset
     store = Store(run / "results.sqlite")
     assert store.experiment_rows("locality") == {}
     store.close()
+
+
+def test_training_batches_group_passages_by_size_and_keep_run_order_within_a_size():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mergeability.pipelines.examples import training_batches
+
+    lengths = {"a": [90], "b": [20], "c": [85], "d": [25], "e": [40, 40], "f": [88], "g": [22], "h": [20], "i": [30]}
+    seqs = {k: [torch.zeros(1, n, dtype=torch.long) for n in v] for k, v in lengths.items()}
+    prep = SimpleNamespace(sequences=seqs, engine=object(), cfg=SimpleNamespace(training=SimpleNamespace(batch=4)))
+    batches, got = training_batches(prep, list(lengths))
+    assert got == seqs
+    assert batches == [["b", "h", "g", "d"], ["i", "c", "f", "a"], ["e"]]  # b before h: run order at equal size
+    padded = lambda bs: sum(len(b) * max(sum(lengths[k]) for k in b) for b in bs)  # noqa: E731
+    in_run_order = [["a", "b", "c", "d"], ["f", "g", "h", "i"], ["e"]]
+    assert padded(batches) < padded(in_run_order)
+    plain = SimpleNamespace(**{**vars(prep), "engine": None})  # the plain path trains one passage at a time
+    assert [len(b) for b in training_batches(plain, list(lengths))[0]] == [1] * len(lengths)

@@ -136,12 +136,15 @@ def screen(prep: Prepared, store, bars) -> None:
 def training_batches(prep: Prepared, wrong: list[str]) -> tuple[list[list[str]], dict]:
     """The training sequences of each base-wrong item's passage, and the batches they train in.
 
-    Batches have fixed members (passages with equal numbers of sequences, in run order), so a resumed run
-    trains a half-recorded batch exactly as the uninterrupted run did."""
+    Batches have fixed members (passages with equal numbers of sequences, by token count, then run order), so a
+    resumed run trains a half-recorded batch exactly as the uninterrupted run did. A batch pads its rows to the
+    longest, so neighbours by length waste little: on the demo's 40 passages, padded tokens are 1.06x the real
+    ones against 1.32x in run order (benchmarks/bench_train_grouping.py)."""
     seqs = {i: prep.sequences[i] for i in wrong}  # checked in the prepare step: every item has some
     step = prep.cfg.training.batch if prep.engine is not None else 1
     batches: list[list[str]] = []
-    for i in sorted(wrong, key=lambda i: len(seqs[i])):  # stable: run order within equal lengths
+    size = lambda i: (len(seqs[i]), sum(s.shape[1] for s in seqs[i]))  # noqa: E731
+    for i in sorted(wrong, key=size):  # stable: run order within equal sizes
         last = batches[-1] if batches else None
         if last is None or len(last) == step or len(seqs[last[0]]) != len(seqs[i]):
             batches.append([])
