@@ -21,17 +21,22 @@ from mergeability.models import BUNDLED, load_model, module_name, num_layers
 from mergeability.training import init_factors, split_passage, train_updates_cached
 
 
+def bundled_middle_up_proj(threads: int):
+    """The bundled model on `threads` CPU threads, and the module the item updates train: the middle layer's up_proj."""
+    torch.set_num_threads(threads)
+    lm = load_model(BUNDLED)
+    return lm, module_name(lm.model, num_layers(lm.model) // 2, "mlp.up_proj")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="passages trained together on the cached path")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model
 
-    lm = load_model(BUNDLED)
-    name = module_name(lm.model, num_layers(lm.model) // 2, "mlp.up_proj")
+    lm, name = bundled_middle_up_proj(args.threads)
     cfg = ItemTraining()
     facts = build_geo(limit=args.items, seed=1)
     passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens) for f in facts]

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+from bench_train import bundled_middle_up_proj
 
 from mergeability.config import ItemTraining
 from mergeability.data.geo import build_geo
 from mergeability.engine import Engine
-from mergeability.models import BUNDLED, load_model, module_name, num_layers
 from mergeability.training import split_passage, train_updates_cached
 
 
@@ -42,9 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    lm = load_model(BUNDLED)
-    name = module_name(lm.model, num_layers(lm.model) // 2, "mlp.up_proj")
+    lm, name = bundled_middle_up_proj(args.threads)
     cfg = ItemTraining()
     facts = build_geo(limit=args.items, seed=1)
     passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens)[:1] for f in facts]  # one sequence each

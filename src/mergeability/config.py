@@ -487,7 +487,7 @@ def nest(flat: dict, where: str) -> dict:
 PRESETS: dict[str, dict] = {
     # bundled model and data, sized for a 2-core CPU
     # 90 items: the prose passages of the leak-free geo data are twice as long as the old question-and-answer
-    # ones, and training is most of a run; 90 keeps `make demo` under 7 minutes on 2 cores (5:52 measured)
+    # ones, and training is most of a run; 90 keeps the demo under 7 minutes on 2 cores (5:52; 6:51 on a slow day)
     "demo": dict(data=dict(items=90), merge=dict(trials=5, partners=10)),
     # enough kept updates (≥ 200 with the bundled model) to decide the directional claims at |ρ| ≈ 0.2, on
     # BIG-bench's Wikidata facts (short passages: training fits a 2-core CPU); `run popqa --preset study` runs the
