@@ -27,6 +27,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mergeability.analysis.inference import cluster_bootstrap
+from mergeability.atomic import jsonable
 from mergeability.errors import MergeabilityError
 
 LOST, SURVIVES = 0.2, 0.8  # score ≤ LOST is "lost", ≥ SURVIVES "survives" (issue #16)
@@ -52,11 +53,6 @@ def _auc(labels: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(labels, score)) if 0 < labels.sum() < len(labels) else math.nan
 
 
-def _plain(x: float) -> float | None:
-    """NaN as None, so that a row is strict JSON and a table prints it as missing."""
-    return None if math.isnan(x) else float(x)
-
-
 @dataclass(frozen=True)
 class Evaluation:
     name: str  # "linear", "boosting", or the baseline feature's name
@@ -70,10 +66,10 @@ class Evaluation:
     predictions: np.ndarray = field(repr=False)  # out-of-fold, aligned with the input rows
 
     def row(self) -> dict:
-        """Everything but the predictions, as a plain dict that `json.dumps(allow_nan=False)` accepts."""
-        return {"name": self.name, "kind": self.kind, "rho": _plain(self.rho), "ci": [_plain(c) for c in self.ci],
-                "auc_lost": _plain(self.auc_lost), "auc_survives": _plain(self.auc_survives), "n": self.n,
-                "groups": self.groups}
+        """Everything but the predictions, as strict JSON takes it: NaN as None, which a table prints as missing."""
+        return jsonable({"name": self.name, "kind": self.kind, "rho": self.rho, "ci": self.ci,
+                         "auc_lost": self.auc_lost, "auc_survives": self.auc_survives, "n": self.n,
+                         "groups": self.groups})
 
 
 def evaluate(name: str, kind: str, pred, y, groups, *, seed: int = 0, n_boot: int = 1000) -> Evaluation:

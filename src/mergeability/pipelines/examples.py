@@ -139,7 +139,7 @@ def training_batches(prep: Prepared, wrong: list[str]) -> tuple[list[list[str]],
     Batches have fixed members (passages with equal numbers of sequences, by token count, then run order), so a
     resumed run trains a half-recorded batch exactly as the uninterrupted run did. A batch pads its rows to the
     longest, so neighbours by length waste little: on the demo's 40 passages, padded tokens are 1.06x the real
-    ones against 1.32x in run order (benchmarks/bench_train_grouping.py)."""
+    ones against 1.32x in run order (benchmarks/bench_train_grouping.py times it on 16 geo passages: 0.88x)."""
     seqs = {i: prep.sequences[i] for i in wrong}  # checked in the prepare step: every item has some
     step = prep.cfg.training.batch if prep.engine is not None else 1
     batches: list[list[str]] = []
