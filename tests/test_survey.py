@@ -203,10 +203,12 @@ def test_survey_bad_input_is_one_line_and_writes_nothing(long_tiny_dir, tmp_path
     (busy / "notes.txt").write_text("x")
     for out, kw, problem in [(tmp_path / "a", {}, "task002_even has no test split"),
                              (tmp_path / "b", {"max_train": 0}, "--max-train must be at least 1, got 0"),
-                             (busy, {"tasks": ["1"]}, "holds no survey.json")]:
+                             (busy, {"tasks": ["1"]}, "holds no survey.json"),
+                             (tmp_path / "c", {"max_train": 4, "base_only": True},
+                              "--max-train has no effect with --base-only")]:
         with pytest.raises(MergeabilityError, match=problem) as e:
-            cfg = cfg_for(long_tiny_dir, pool, **{k: v for k, v in kw.items() if k != "max_train"})
-            run_survey(cfg, out, max_train=kw.get("max_train"), console=QUIET)
+            cfg = cfg_for(long_tiny_dir, pool, **{k: v for k, v in kw.items() if k not in ("max_train", "base_only")})
+            run_survey(cfg, out, max_train=kw.get("max_train"), base_only=kw.get("base_only", False), console=QUIET)
         assert "\n" not in str(e.value) and not (out / "survey.json").exists()
 
 

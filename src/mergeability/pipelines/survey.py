@@ -154,6 +154,8 @@ def run_survey(cfg: TaskConfig, out: Path, *, max_train: int | None = None, base
     for flag, value in (("--max-train", max_train), ("--max-test", cfg.data.max_test)):
         if value is not None and value < 1:
             raise MergeabilityError(f"{flag} must be at least 1, got {value}")
+    if base_only and max_train is not None:  # a cap that changes nothing would still split the settings
+        raise MergeabilityError("--max-train has no effect with --base-only (a screen trains no adapter): drop it")
     wanted = settings(cfg, max_train, base_only)
     rows = read_state(out, wanted)
     prep = prepare_survey(cfg, max_train, base_only)
