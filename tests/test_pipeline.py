@@ -167,6 +167,29 @@ def test_experiments_resume_and_reach_the_report(tiny_model_dir, dataset, tmp_pa
         run_experiment("nope", run, QUIET)
 
 
+def test_more_trials_evaluate_only_the_new_ones(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    """Robustness's M = 2M stage plans trials M..2M-1 alone: no chunk re-evaluates a trial the run recorded (with
+    them interleaved in the plan nearly every chunk held a new trial, and every row of it was evaluated again)."""
+    from mergeability import estimate
+    from mergeability.experiments import run_experiment
+
+    cfg = cfg_for(tiny_model_dir, dataset)
+    run = tmp_path / "run"
+    kept = run_examples(cfg, run, console=QUIET)["kept"]
+    rows, chunk = [], estimate.trial_chunk
+
+    def counted(evaluate, updates, payload):  # payload = (method, params, trials of the chunk, reference)
+        rows.extend(payload[2])
+        return chunk(evaluate, updates, payload)
+
+    monkeypatch.setattr(estimate, "trial_chunk", counted)
+    run_experiment("robustness", run, QUIET)
+    m = cfg.merge.trials
+    more = sorted((t.target, t.trial) for t in rows if t.trial >= m)
+    assert more == sorted((u, k) for u in {t.target for t in rows} for k in range(m, 2 * m)) and len(more) == m * kept
+    assert len(rows) == 2 * m * kept  # the new M trials and the N/2 run's M: nothing evaluated twice
+
+
 def test_locality_and_groups_experiments(tiny_model_dir, dataset, tmp_path, monkeypatch):
     from mergeability.experiments import groups, locality, run_experiment
     from mergeability.report.build import build_report

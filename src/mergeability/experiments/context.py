@@ -66,16 +66,17 @@ def main_scores(ctx: Context, updates: dict) -> dict[str, float]:
 
 
 def add_trials(ctx: Context, updates: dict, label: str, console, *, method: str, params: dict, trials: int,
-               partners: int, targets: Sequence[str] | None = None) -> None:
+               partners: int, targets: Sequence[str] | None = None, first_trial: int = 0) -> None:
     """The run's trials again under another method, parameters, M or N (same seeds and groups, so same
-    partners), for `targets` (default: every update; partners are drawn from all of them either way)."""
+    partners), for `targets` (default: every update; partners are drawn from all of them either way); trials
+    from `first_trial` on only (see trials_stage)."""
     cfg = ctx.cfg
     key = params_key(method, {**params, "partners": partners})
     targets = sorted(updates if targets is None else targets)
     with progress(console) as bars:
         trials_stage(cfg, ctx.store, worker_setup(cfg), ctx.evaluator(), updates, targets, key, bars, label,
                      method=method, params=params, trials=trials, partners=partners, chunk=cfg.batch_rows,
-                     reference=cfg.engine == "plain", groups=ctx.groups())
+                     reference=cfg.engine == "plain", groups=ctx.groups(), first_trial=first_trial)
 
 
 def run_merge_sets(ctx: Context, name: str, units: Sequence[tuple[str, dict]], updates: dict, console,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mergeability.errors import MergeabilityError
-from mergeability.experiments.context import Context, add_trials, kept_updates
+from mergeability.experiments.context import Context, add_trials, kept_updates, main_scores
 from mergeability.seeding import rng
 
 MIN_SCORED = 30  # the fewest updates a score comparison is reported on (the report skips fewer)
@@ -36,8 +36,9 @@ class Robustness:
     def run(self, ctx: Context, console) -> None:
         updates = kept_updates(ctx)
         m = ctx.cfg.merge
+        main_scores(ctx, updates)  # the run's M trials are all recorded, so M = 2M plans only trials M..2M-1
         add_trials(ctx, updates, f"M={2 * m.trials}", console, method=m.method, params=m.params,
-                   trials=2 * m.trials, partners=m.partners)
+                   trials=2 * m.trials, partners=m.partners, first_trial=m.trials)
         for n in self.partners or (half(m.partners),):
             if n != m.partners:
                 if n >= len(updates):

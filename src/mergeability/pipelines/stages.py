@@ -56,15 +56,17 @@ def load_run_model(m) -> LoadedModel:
 def trials_stage(cfg, store: Store, setup: WorkerSetup, evaluate, updates: Mapping, targets: Sequence[str],
                  key: str, bars, label: str, *, method: str | None = None, params: Mapping | None = None,
                  trials: int | None = None, partners: int | None = None, chunk: int = 1,
-                 reference: bool = False, groups: Mapping[str, str] | None = None) -> None:
+                 reference: bool = False, groups: Mapping[str, str] | None = None, first_trial: int = 0) -> None:
     """M trials per target, each merging it with N partners drawn from `targets`, recorded under `key`; the
     method, its parameters, M and N default to the run's own. `groups` (id -> subject): partners never share
-    the target's group. Resumes: recorded trials are skipped."""
+    the target's group. Resumes: recorded trials are skipped. `first_trial`: plan trials from that index on only,
+    for a stage that extends trials recorded before it (more M): run_trials re-evaluates every chunk of the plan
+    that holds a new trial, and planned with the old ones interleaved nearly every chunk does (twice the work)."""
     m = cfg.merge
     method = m.method if method is None else method
     params = m.params if params is None else params
-    plan = plan_trials(cfg.seed, targets, targets, m.trials if trials is None else trials,
-                       m.partners if partners is None else partners, groups)
+    plan = [t for t in plan_trials(cfg.seed, targets, targets, m.trials if trials is None else trials,
+                                   m.partners if partners is None else partners, groups) if t.trial >= first_trial]
     done = store.done_trials(method, key)
     bar = bars.stage(label, len(plan), sum((p.target, p.trial) in done for p in plan))
 
