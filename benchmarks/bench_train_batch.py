@@ -11,34 +11,23 @@ from __future__ import annotations
 
 import argparse
 
-from bench_train import bundled_middle_up_proj
-from bench_train_grouping import train_in
-
-from mergeability.config import ItemTraining
-from mergeability.data.geo import build_geo
-from mergeability.engine import Engine
-from mergeability.training import split_passage
+from bench_train_grouping import geo_passages, train_in
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=40)  # the demo trains about 40 updates
+    ap.add_argument("--items", type=int, default=40)  # as many as the 90-item demo trained (docs/scaling.md)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
     args = ap.parse_args()
-    lm, name = bundled_middle_up_proj(args.threads)
-    cfg = ItemTraining()
-    facts = build_geo(limit=args.items, seed=1)
-    passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens)[:1] for f in facts]  # one sequence each
-    ids = [f.id for f in facts]
-    engine = Engine(lm.model, lm.tokenizer, [name])
-    by_length = sorted(range(len(facts)), key=lambda k: passages[k][0].shape[1])
+    engine, name, cfg, passages, ids = geo_passages(args.items, args.threads)
+    by_length = sorted(range(len(ids)), key=lambda k: passages[k][0].shape[1])
     runs = [(b, *train_in(engine, name, cfg, passages, ids, by_length, b)) for b in args.batches]  # 4 8 4: drift
     first, last = runs[0], runs[-1]
-    print(f"{len(facts)} passages sorted by length, {cfg.epochs} epochs, {args.threads} threads")
+    print(f"{len(ids)} passages sorted by length, {cfg.epochs} epochs, {args.threads} threads")
     for b, t, deltas, pad in runs:
         err = max(((deltas[i] - first[2][i]).norm() / first[2][i].norm()).item() for i in ids)
-        print(f"batch {b:2d}: padded/real tokens {pad:.2f}, {t / len(facts):6.2f} s/update, "
+        print(f"batch {b:2d}: padded/real tokens {pad:.2f}, {t / len(ids):6.2f} s/update, "
               f"max relative ΔW difference {err:.1e}")
     print(f"ratio: {last[1] / first[1]:.2f}")
 

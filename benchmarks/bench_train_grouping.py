@@ -35,26 +35,31 @@ def train_in(engine, name, cfg, passages, ids, order, batch) -> tuple[float, dic
     return time.perf_counter() - t, deltas, padded / real
 
 
+def geo_passages(items: int, threads: int):
+    """(engine, module name, training config, passages, ids): the bundled model's middle up_proj and `items` geo
+    passages, one sequence each."""
+    lm, name = bundled_middle_up_proj(threads)
+    cfg = ItemTraining()
+    facts = build_geo(limit=items, seed=1)
+    passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens)[:1] for f in facts]  # one sequence each
+    return Engine(lm.model, lm.tokenizer, [name]), name, cfg, passages, [f.id for f in facts]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args()
-    lm, name = bundled_middle_up_proj(args.threads)
-    cfg = ItemTraining()
-    facts = build_geo(limit=args.items, seed=1)
-    passages = [split_passage(lm.tokenizer, f.passage, cfg.max_tokens)[:1] for f in facts]  # one sequence each
-    ids = [f.id for f in facts]
-    engine = Engine(lm.model, lm.tokenizer, [name])
-    run_order = list(range(len(facts)))
+    engine, name, cfg, passages, ids = geo_passages(args.items, args.threads)
+    run_order = list(range(len(ids)))
     by_length = sorted(run_order, key=lambda k: passages[k][0].shape[1])
     t_run, d_run, pad_run = train_in(engine, name, cfg, passages, ids, run_order, args.batch)
     t_len, d_len, pad_len = train_in(engine, name, cfg, passages, ids, by_length, args.batch)
     err = max(((d_len[i] - d_run[i]).norm() / d_run[i].norm()).item() for i in ids)
-    print(f"{len(facts)} passages, batch {args.batch}, {cfg.epochs} epochs, {args.threads} threads")
-    print(f"run order: padded/real tokens {pad_run:.2f}, {t_run / len(facts):6.2f} s/update")
-    print(f"by length: padded/real tokens {pad_len:.2f}, {t_len / len(facts):6.2f} s/update")
+    print(f"{len(ids)} passages, batch {args.batch}, {cfg.epochs} epochs, {args.threads} threads")
+    print(f"run order: padded/real tokens {pad_run:.2f}, {t_run / len(ids):6.2f} s/update")
+    print(f"by length: padded/real tokens {pad_len:.2f}, {t_len / len(ids):6.2f} s/update")
     print(f"max relative ΔW difference: {err:.1e}")
     print(f"ratio: {t_len / t_run:.2f}")
 
