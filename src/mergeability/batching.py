@@ -3,7 +3,8 @@
 - `pad_rows`, `padding_mask`: rows of different lengths as one tensor, and which positions hold tokens.
 - `attention_bias`: the engine's 4-D additive mask (causal, prompt shared, options blind to each other).
 - `common_prefix`, `prefix_cache`: the tokens every row of a batch starts with, run once and its keys/values
-  broadcast to every row (a task's definition and examples are most of each prompt).
+  broadcast to every row (a task's definition and examples are most of each prompt); `cache_kwarg`, the name a
+  model takes that cache by.
 - `add_to_outputs`: forward hooks that add a term computed from a module's input to its output: how weight
   updates (one per batch row, or one for all) ride along a forward pass without the weights being touched.
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -65,11 +67,17 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword a model's forward (and generate) takes a KV cache by: `cache` from transformers 5.24 on, where
+    the old `past_key_values` is deprecated (removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def prefix_cache(model: nn.Module, prefix: Tensor, rows: int) -> DynamicCache:
-    """Keys and values of `prefix` (1 × P) computed once and repeated for `rows` batch rows, to pass as
-    `past_key_values` with the rows' own tokens. Gradients flow through it when enabled (task training)."""
+    """Keys and values of `prefix` (1 × P) computed once and repeated for `rows` batch rows, to pass (by
+    `cache_kwarg`) with the rows' own tokens. Gradients flow through it when enabled (task training)."""
     cache = DynamicCache()
-    model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    model(input_ids=prefix, use_cache=True, **{cache_kwarg(model): cache})
     cache.batch_repeat_interleave(rows)
     return cache
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mergeability.batching import common_prefix, pad_rows, padding_mask, prefix_cache
+from mergeability.batching import cache_kwarg, common_prefix, pad_rows, padding_mask, prefix_cache
 from mergeability.data.tasks import Example
 from mergeability.errors import MergeabilityError
 from mergeability.updates import Update, applied
@@ -87,7 +87,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
         P = P if P >= MIN_SHARED else 0
         ids, mask = (t.to(dev) for t in _prefix_layout([enc[i] for i in idx], P, pad))
         T = ids.shape[1]
-        extra = {"past_key_values": prefix_cache(model, ids[:1, :P], len(idx))} if P else {}
+        extra = {cache_kwarg(model): prefix_cache(model, ids[:1, :P], len(idx))} if P else {}
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=stop_ids(tokenizer), pad_token_id=pad, num_beams=1, temperature=None,
                              top_p=None, top_k=None, **extra)

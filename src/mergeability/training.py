@@ -28,7 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mergeability.batching import add_to_outputs, attention_bias, common_prefix, pad_rows, padding_mask, prefix_cache
+from mergeability.batching import (
+    add_to_outputs,
+    attention_bias,
+    cache_kwarg,
+    common_prefix,
+    pad_rows,
+    padding_mask,
+    prefix_cache,
+)
 from mergeability.config import ItemTraining, TaskTraining
 from mergeability.models import get_module
 from mergeability.updates import Dense, LowRank, Update
@@ -284,8 +292,8 @@ def answer_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, *, 
     if P > 0:
         cache = prefix_cache(body, ids[:1, :P], len(ids))
         pos = torch.arange(P, ids.shape[1], device=ids.device).expand(len(ids), -1)
-        h = body(input_ids=ids[:, P:], attention_mask=mask, past_key_values=cache, position_ids=pos,
-                 use_cache=True).last_hidden_state[:, :-1]
+        h = body(input_ids=ids[:, P:], attention_mask=mask, position_ids=pos, use_cache=True,
+                 **{cache_kwarg(body): cache}).last_hidden_state[:, :-1]
     else:
         h = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     target = labels[:, P + 1 :]
