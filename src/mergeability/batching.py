@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -70,7 +71,14 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 def cache_kwarg(model: nn.Module) -> str:
     """The keyword a model's forward (and generate) takes a KV cache by: `cache` from transformers 5.24 on, where
     the old `past_key_values` is deprecated (removed in 5.40), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_kwarg(type(model))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    # read from the class, once: reading a signature costs ~80 µs a call (every task-training step asks), and an
+    # instance's forward may be a hook's (*args, **kwargs) wrapper that hides the name
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def prefix_cache(model: nn.Module, prefix: Tensor, rows: int) -> DynamicCache:

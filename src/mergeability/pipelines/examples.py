@@ -143,7 +143,7 @@ def training_batches(prep: Prepared, wrong: list[str]) -> tuple[list[list[str]],
     seqs = {i: prep.sequences[i] for i in wrong}  # checked in the prepare step: every item has some
     step = prep.cfg.training.batch if prep.engine is not None else 1
     batches: list[list[str]] = []
-    size = lambda i: (len(seqs[i]), sum(s.shape[1] for s in seqs[i]))  # noqa: E731
+    size = lambda i: (len(seqs[i]), sum(s.shape[1] for s in seqs[i]))
     for i in sorted(wrong, key=size):  # stable: run order within equal sizes
         last = batches[-1] if batches else None
         if last is None or len(last) == step or len(seqs[last[0]]) != len(seqs[i]):
