@@ -111,7 +111,7 @@ def _words(name: str, value) -> str:
 Device = Annotated[Optional[str], configured("cpu | cuda | cuda:N.")]
 Dtype = Annotated[Optional[str], configured("float32 | float64 | bfloat16 | float16.")]
 Seed = Annotated[Optional[int], configured("Run seed.")]
-Backend = Annotated[Optional[str], configured("Where trials run: local | ray.")]
+Backend = Annotated[Optional[str], configured("Where jobs run: local | processes (forked workers, Linux CPU) | ray.")]
 RayAddress = Annotated[Optional[str], configured("Ray cluster to join.")]
 Workers = Annotated[Optional[int], configured("Ray actors.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")]
@@ -397,7 +397,7 @@ def experiment(
     sweep: Annotated[str, typer.Option(help="weighted: other T values, tried with the mean merge.")] = "0.1,0.25,1,2",
     methods: Annotated[str, typer.Option(help="weighted: merge methods to weight.")] = "mean,ties,knots",
     backend: Annotated[Optional[str], typer.Option(
-        help="Where trials run: local | ray.", show_default=RUNS_OWN)] = None,
+        help="Where jobs run: local | processes (forked workers, Linux CPU) | ray.", show_default=RUNS_OWN)] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join.", show_default=RUNS_OWN)] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray actors.", show_default=RUNS_OWN)] = None,
 ) -> None:

@@ -129,10 +129,12 @@ class MergeConfig(Section):
 
 @dataclass(frozen=True)
 class BackendConfig(Section):
-    name: Literal["local", "ray"] = "local"  # where trials run: local (this process) | ray (actors holding the
-    #                                          model; same results)
+    # where trials, experiment merges (and, for processes, screening and training) run: local (this process) |
+    # processes (worker processes forked from this one, `model.threads` torch threads each; Linux CPU only,
+    # elsewhere it runs locally) | ray (actors holding the model)
+    name: Literal["local", "processes", "ray"] = "local"
     address: Text | None = None  # join this Ray cluster; None = start a local one
-    workers: Count | None = None  # Ray actors; None = one per GPU, or one per `model.threads` CPUs
+    workers: Count | None = None  # processes or Ray actors; None = one per GPU, or one per `model.threads` CPUs
 
 
 # -------------------------------------------------------------------------------- example-level sections
@@ -489,12 +491,13 @@ PRESETS: dict[str, dict] = {
     # 70 items (14 per relation): the geo data's prose passages are long and training is most of a run (8 s an
     # update on 2 cores); 70 keeps `make demo`, environment set-up included, under 7 minutes on a slow day (90 did
     # not: 7:58 with 332 s of training; 70: 231 s, 19 kept of 29 trained against 22 of 40)
-    "demo": dict(data=dict(items=70), merge=dict(trials=5, partners=10)),
+    "demo": dict(data=dict(items=70), merge=dict(trials=5, partners=10), backend=dict(name="processes")),
     # enough kept updates (≥ 200 with the bundled model) to decide the directional claims at |ρ| ≈ 0.2, on
     # BIG-bench's Wikidata facts (short passages: training fits a 2-core CPU); `run popqa --preset study` runs the
     # experiments the claims need after the run (experiments/study.py). 1,100 items kept 182 (25 % of items
     # base-wrong, 65 % of those kept): 1,250 for 200
-    "study": dict(data=dict(dataset="wikidata", items=1250), merge=dict(trials=5, partners=10)),
+    "study": dict(data=dict(dataset="wikidata", items=1250), merge=dict(trials=5, partners=10),
+                  backend=dict(name="processes")),
     # the paper's models on PopQA, each update trained on its subject's Wikipedia page (network and a GPU)
     "paper-llama": dict(model=dict(name="meta-llama/Llama-3.2-3B", device="cuda", dtype="bfloat16"),
                         data=dict(dataset="popqa", passages="wikipedia", items=1000), training=dict(layer=14)),

@@ -1,5 +1,5 @@
 """A.3, A.13-A.14: twice the trials (M more, same N), and runs with other numbers of partners (N/2 by default;
-the study preset adds N = 25)."""
+the study preset adds N = 25), on all the kept updates or a seeded sample of them (`scored`)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ class Robustness:
     name = "robustness"
     kind = "examples"
     partners: tuple[int, ...] = ()  # the other N values to score at; () = N/2 only
-    # score the other N values on at most this many updates (a seeded sample; partners still come from every
-    # update); None = all. Agreement of two score sets is decided with far fewer updates than the run's own claims
-    # need, and a trial at N = 25 costs ~10 times one at N = 10 (a 182-update study: 18 of its 62 minutes)
+    # score the other M and N values on at most this many updates (one seeded sample; partners still come from
+    # every update); None = all. Agreement of two score sets is decided with far fewer updates than the run's own
+    # claims need, and a trial at N = 25 costs ~5 times one at N = 10 (a 182-update study: 18 of its 62 minutes)
     scored: int | None = None
 
     def __post_init__(self):
@@ -37,15 +37,16 @@ class Robustness:
         updates = kept_updates(ctx)
         m = ctx.cfg.merge
         main_scores(ctx, updates)  # the run's M trials are all recorded, so M = 2M plans only trials M..2M-1
+        scored = self.sample(updates, ctx.cfg.seed)
         add_trials(ctx, updates, f"M={2 * m.trials}", console, method=m.method, params=m.params,
-                   trials=2 * m.trials, partners=m.partners, first_trial=m.trials)
+                   trials=2 * m.trials, partners=m.partners, targets=scored, first_trial=m.trials)
         for n in self.partners or (half(m.partners),):
             if n != m.partners:
                 if n >= len(updates):
                     raise MergeabilityError(f"robustness: N = {n} needs more than {n} kept updates; the run has "
                                             f"{len(updates)}")
                 add_trials(ctx, updates, f"N={n}", console, method=m.method, params=m.params, trials=m.trials,
-                           partners=n, targets=self.sample(updates, ctx.cfg.seed))
+                           partners=n, targets=scored)
 
     def sample(self, updates: dict, seed: int) -> list[str]:
         """The updates scored at the other N values: all, or `scored` of them drawn with the run's seed."""

@@ -4,6 +4,7 @@ M trials per kept update → scores.csv. Each stage does only what the store doe
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from rich.console import Console
 
 from mergeability import run
 from mergeability.analysis.summary import example_summary, example_summary_rows
-from mergeability.backends import check_backend
+from mergeability.backends import check_backend, local_pool
 from mergeability.config import ExampleConfig, validate
 from mergeability.console import print_table, progress
 from mergeability.data import build_items, load_facts
@@ -114,23 +115,34 @@ def example_evaluator(prep: Prepared):
     return evaluate
 
 
+def screen_job(prep: Prepared, _, span: tuple[int, int]) -> list:
+    """One job: the base model's scores of the items in prep.items[span]."""
+    return prep.scorer.score([(it, None) for it in prep.items[span[0] : span[1]]])
+
+
 def screen(prep: Prepared, store, bars) -> None:
     """Score every item with the base model."""
     done = store.ids("items")
     items = prep.items
     bar = bars.stage("screen", len(items), len(done & {it.id for it in items}))
     step = prep.cfg.batch_rows
-    for chunk in (items[s : s + step] for s in range(0, len(items), step)):
-        if all(it.id in done for it in chunk):
+    spans = [(s, s + step) for s in range(0, len(items), step)]
+    todo = [sp for sp in spans if not all(it.id in done for it in items[sp[0] : sp[1]])]
+    with closing(local_pool(prep.cfg, prep, None)) as pool:
+        for k, scores in pool.map(screen_job, todo):
+            record_screened(store, items[todo[k][0] : todo[k][1]], scores, done, bar)
+
+
+def record_screened(store, chunk, scores, done: set, bar) -> None:
+    """Store the base model's scores of a chunk of items."""
+    for it, s in zip(chunk, scores):
+        if it.id in done:
             continue
-        for it, s in zip(chunk, prep.scorer.score([(it, None) for it in chunk])):
-            if it.id in done:
-                continue
-            store.add_item(dict(id=it.id, relation=it.fact.prop, subj=it.fact.subj, question=it.fact.question,
-                                obj=it.fact.obj, s_pop=it.fact.s_pop, options=list(it.options), gold=it.gold,
-                                correct=int(s.correct), scores=list(s.scores), gold_prob=s.gold_prob,
-                                gold_rank=s.gold_rank, gap=s.gap))
-            bar.advance()
+        store.add_item(dict(id=it.id, relation=it.fact.prop, subj=it.fact.subj, question=it.fact.question,
+                            obj=it.fact.obj, s_pop=it.fact.s_pop, options=list(it.options), gold=it.gold,
+                            correct=int(s.correct), scores=list(s.scores), gold_prob=s.gold_prob,
+                            gold_rank=s.gold_rank, gap=s.gap))
+        bar.advance()
 
 
 def training_batches(prep: Prepared, wrong: list[str]) -> tuple[list[list[str]], dict]:
@@ -163,6 +175,14 @@ def train_batch(prep: Prepared, ids: list[str], seqs: dict) -> list:
                          base_model=cfg.model.name)]
 
 
+def train_job(prep: Prepared, seqs: dict, ids: list[str]) -> list:
+    """One job: train a batch's updates, then score each item with its own update: [(update, stats, score)]."""
+    by_id = {it.id: it for it in prep.items}
+    trained = train_batch(prep, ids, seqs)
+    post = prep.scorer.score([(by_id[i], upd) for i, (upd, _) in zip(ids, trained)])
+    return [(upd, stats, s) for (upd, stats), s in zip(trained, post)]
+
+
 def train(prep: Prepared, store, out: Path, bars) -> None:
     """Train one update per base-wrong item; keep (save) it if it makes the item correct."""
     by_id = {it.id: it for it in prep.items}
@@ -171,23 +191,28 @@ def train(prep: Prepared, store, out: Path, bars) -> None:
     done = store.ids("updates", "item_id")
     bar = bars.stage("train", len(wrong), len(done & set(wrong)))
     batches, seqs = training_batches(prep, wrong)
-    for ids in batches:
-        if all(i in done for i in ids):
+    # longest batches first (they come shortest first): with worker processes, the last job to start is then a
+    # short one, and no worker idles long while another finishes the longest. The order changes no result
+    todo = [ids for ids in reversed(batches) if not all(i in done for i in ids)]
+    with closing(local_pool(prep.cfg, prep, seqs)) as pool:
+        for k, results in pool.map(train_job, todo):
+            record_trained(store, out, by_id, todo[k], results, done, bar)
+
+
+def record_trained(store, out: Path, by_id: dict, ids: list[str], results: list, done: set, bar) -> None:
+    """Store a trained batch: every update's statistics, and the update itself where it makes its item correct."""
+    for i, (upd, stats, s) in zip(ids, results):
+        if i in done:
             continue
-        trained = train_batch(prep, ids, seqs)
-        post = prep.scorer.score([(by_id[i], upd) for i, (upd, _) in zip(ids, trained)])
-        for i, (upd, stats), s in zip(ids, trained, post):
-            if i in done:
-                continue
-            path = Path(run.UPDATES) / safe_name(i)
-            if s.correct:
-                save_update(upd, out / path, force=True)
-            store.add_update(dict(item_id=i, path=str(path) if s.correct else None, kept=int(s.correct),
-                                  train_loss=stats.loss, passage_ppl=stats.base_ppl,
-                                  passage_tokens=stats.input_tokens, post_scores=list(s.scores),
-                                  post_gold_prob=s.gold_prob, post_gap=s.gap, fro_norm=upd.fro_norm(),
-                                  top_sv=upd.top_singular_value(), passage=by_id[i].fact.passage))
-            bar.advance()
+        path = Path(run.UPDATES) / safe_name(i)
+        if s.correct:
+            save_update(upd, out / path, force=True)
+        store.add_update(dict(item_id=i, path=str(path) if s.correct else None, kept=int(s.correct),
+                              train_loss=stats.loss, passage_ppl=stats.base_ppl,
+                              passage_tokens=stats.input_tokens, post_scores=list(s.scores),
+                              post_gold_prob=s.gold_prob, post_gap=s.gap, fro_norm=upd.fro_norm(),
+                              top_sv=upd.top_singular_value(), passage=by_id[i].fact.passage))
+        bar.advance()
 
 
 def kept_updates(prep: Prepared, store, out: Path) -> dict:

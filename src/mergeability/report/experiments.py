@@ -226,14 +226,16 @@ def robustness_section(cfg, store, main, figdir, data) -> Sections:
     """A.3, A.13-A.14: the scores of trials M+1 … 2M, and at other N, against the run's."""
     out, M, N = Sections(), cfg.merge.trials, cfg.merge.partners
     ids = sorted(main)
+    enough = lambda s: len(s) >= min(len(ids), robustness.MIN_SCORED)
     twice = run.scores(store, run.run_key(cfg), ids, M, first=M, complete=True)
     others = {n: run.scores(store, run.run_key(cfg, n), ids, M, complete=True)
               for n in other_partner_counts(cfg, store)}
-    # an N may be scored on a sample of the updates (Robustness.scored): compared on the updates it scored
-    others = {n: s for n, s in others.items() if len(s) >= min(len(ids), robustness.MIN_SCORED)}
-    if not set(ids) <= set(twice) or not others:
+    # M and N may be scored on a sample of the updates (Robustness.scored): compared on the updates they scored
+    others = {n: s for n, s in others.items() if enough(s)}
+    if not enough(twice) or not others:
         return out
-    corrs = {f"trials 1–{M} vs trials {M + 1}–{2 * M} (N={N})": _corr("M", main, twice, data, cfg.seed)}
+    corrs = {f"trials 1–{M} vs trials {M + 1}–{2 * M} (N={N}{_on(twice, ids)})":
+             _corr("M", main, twice, _restrict(data, twice), cfg.seed)}
     corrs.update({f"N={N} vs N={n} (M={M}{_on(s, ids)})": _corr(f"N={n}", main, s, _restrict(data, s), cfg.seed)
                   for n, s in others.items()})
     out.tables.append(Table("Robustness of scores to M and N (A.13, A.14)", CORR_COLUMNS,
