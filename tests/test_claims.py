@@ -4,6 +4,7 @@ data with a planted structure that must decide "supported", the opposite structu
 or too little data "inconclusive"."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -381,14 +382,15 @@ def test_robustness_scores_a_seeded_sample_of_the_updates():
         Robustness((5,), scored=3)
 
 
-def test_robustness_section_compares_a_sampled_n_on_the_updates_it_scored(tmp_path):
+def test_robustness_section_compares_a_sampled_m_and_n_on_the_updates_they_scored(tmp_path):
     cfg = from_flat("examples", method="knots", trials=2, partners=10)
     rng = np.random.default_rng(0)
     ids = [f"u{i:03d}" for i in range(60)]
     main = {i: float(rng.integers(0, 3)) / 2 for i in ids}
     store = Store(tmp_path / "results.sqlite")
     for i in ids:
-        for t in range(4):  # trials 1..2M at N=10, the run's key; N=25 only on the first 40 updates
+        # trials 1..M at N=10 (the run's key) on every update; M+1..2M and N=25 only on the first 40 (the sample)
+        for t in range(4 if i in ids[:40] else 2):
             key = params_key("knots", {"partners": 10})
             store.add_trial({"target": i, "trial": t, "method": "knots", "params": key,
                              "partners": [], "correct": int(main[i] >= t % 2 / 2), "probs": []})
@@ -403,4 +405,22 @@ def test_robustness_section_compares_a_sampled_n_on_the_updates_it_scored(tmp_pa
     rows = {r[0]: r for r in out.tables[0].rows}
     assert "N=10 vs N=25 (M=2, on 40 of 60 updates)" in rows
     assert float(rows["N=10 vs N=25 (M=2, on 40 of 60 updates)"][1]) > 0.5
+    assert float(rows["trials 1–2 vs trials 3–4 (N=10, on 40 of 60 updates)"][1]) > 0.5
     store.close()
+
+
+def test_robustness_scores_more_trials_and_other_n_on_one_sample(monkeypatch):
+    from mergeability.experiments import robustness
+
+    updates = {f"u{i:03d}": None for i in range(50)}
+    calls = []
+    monkeypatch.setattr(robustness, "kept_updates", lambda ctx: updates)
+    monkeypatch.setattr(robustness, "main_scores", lambda ctx, ups: None)
+    monkeypatch.setattr(robustness, "add_trials", lambda ctx, ups, label, console, **kw: calls.append((label, kw)))
+    ctx = SimpleNamespace(cfg=from_flat("examples", method="knots", trials=2, partners=10, seed=0))
+    experiment = Robustness((5, 25), scored=30)
+    experiment.run(ctx, None)
+    sample = experiment.sample(updates, 0)
+    assert [label for label, _ in calls] == ["M=4", "N=5", "N=25"]
+    assert all(kw["targets"] == sample for _, kw in calls) and len(sample) == 30
+    assert calls[0][1]["first_trial"] == 2 and calls[0][1]["trials"] == 4
