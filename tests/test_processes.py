@@ -2,7 +2,12 @@
 tiny study run there gives the local backend's scores; a failing job or a dying worker is a one-line error."""
 
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 from rich.console import Console
@@ -68,6 +73,65 @@ def test_fork_pool_worker_death_is_one_line():
             list(pool.map(_die, [0, 1]))
     finally:
         pool.close()
+
+
+def _nap(context, shared, payload):
+    if payload:
+        time.sleep(payload)
+    return os.getpid()
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie no reaper collects has ended too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pids, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.1)
+    return all(_gone(p) for p in pids)
+
+
+@FORK_TIMEOUT
+def test_fork_pool_stops_its_workers_at_once_when_the_driver_stops_reading():
+    pool = ForkPool(None, None, workers=2)
+    jobs = pool.map(_nap, [0, 60, 60])
+    _, pid = next(jobs)
+    start = time.monotonic()
+    jobs.close()  # what Ctrl-C or a failed record does to the stage's loop: the 60 s jobs must not be waited for
+    pool.close()
+    assert time.monotonic() - start < 10
+    assert _wait_gone([pid], 10)
+
+
+@FORK_TIMEOUT
+def test_fork_pool_workers_die_with_a_killed_driver(tmp_path):
+    script = textwrap.dedent("""
+        import os, sys, time
+        sys.path.insert(0, sys.argv[1])
+        from test_processes import _nap
+        from mergeability.backends import ForkPool
+        pool = ForkPool(None, None, workers=2)
+        pids = {pid for _, pid in pool.map(_nap, [0.5, 0.5, 0.5, 0.5])}
+        print(" ".join(map(str, pids)), flush=True)
+        time.sleep(120)
+    """)
+    driver = subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert pids and not any(_gone(p) for p in pids)  # workers idle, waiting for jobs
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(10)
+        assert _wait_gone(pids, 10)
+    finally:
+        driver.kill()
+        driver.wait(10)
 
 
 def test_processes_backend_runs_locally_where_forking_is_unsafe(tiny_model_dir, dataset, monkeypatch):

@@ -10,6 +10,7 @@ module-level functions, so they pickle.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -53,36 +54,52 @@ class ForkPool:
         global _FORKED
         _FORKED = (context, shared)  # what the forks inherit: read by _fork_run, never pickled
         self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_fork_init, initargs=(threads,))
+                                            initializer=_fork_init, initargs=(threads, os.getpid()))
 
     def map(self, job: Callable, payloads: Sequence) -> Iterator[tuple[int, Any]]:
         futures = {self.executor.submit(_fork_run, job, p): i for i, p in enumerate(payloads)}
-        for f in as_completed(futures):
-            i = futures[f]
-            try:
-                result = f.result()
-            except BrokenProcessPool:
-                raise MergeabilityError("a worker process died (out of memory?): run again with --backend local, "
-                                        "or fewer --workers") from None
-            except MergeabilityError as e:
-                raise MergeabilityError(one_line(e)) from None
-            except Exception as e:  # a bug in a job: its type and message, in one line
-                raise MergeabilityError(f"job {i} failed in a worker process: {type(e).__name__}: {one_line(e)}") \
-                    from None
-            yield i, result
+        try:
+            for f in as_completed(futures):
+                yield futures[f], _result(f, futures[f])
+        except BaseException:  # a failed job, Ctrl-C, a closed generator: stop the workers now, not after their jobs
+            self._kill()
+            raise
 
     def close(self) -> None:
         global _FORKED
-        self.executor.shutdown(wait=True, cancel_futures=True)  # a job in flight ends; queued ones are dropped
+        self.executor.shutdown(wait=True, cancel_futures=True)  # after map's end or _kill: nothing left to wait for
         _FORKED = None
+
+    def _kill(self) -> None:
+        for p in list(getattr(self.executor, "_processes", {}).values()):  # the executor offers no public handle
+            p.kill()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _result(future, i: int) -> Any:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise MergeabilityError("a worker process died (out of memory?): run again with --backend local, or "
+                                "fewer --workers") from None
+    except MergeabilityError as e:
+        raise MergeabilityError(one_line(e)) from None
+    except Exception as e:  # a bug in a job: its type and message, in one line
+        raise MergeabilityError(f"job {i} failed in a worker process: {type(e).__name__}: {one_line(e)}") from None
 
 
 _FORKED: tuple[Any, Any] | None = None  # (context, shared) of the open ForkPool, inherited by its workers
 
 
-def _fork_init(threads: int) -> None:
+def _fork_init(threads: int, parent: int) -> None:
     import torch
 
+    # A worker dies with the run: killed (kill -9, out of memory), the run cannot stop its workers, and they
+    # would wait for jobs for ever. Linux's parent-death signal does it for them (prctl PR_SET_PDEATHSIG = 1);
+    # a run that died before the signal was set is seen by the parent's pid changing.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the pool, not each worker
 
