@@ -270,8 +270,8 @@ def test_study_runs_every_experiment_its_claims_need(tiny_model_dir, dataset, tm
     from mergeability.report.build import build_report
 
     cfg = cfg_for(tiny_model_dir, dataset, partners=10)
-    assert study_experiments(cfg, kept=200)[1] == Robustness((5, 25), scored=80)
-    assert study_experiments(cfg, kept=20)[1] == Robustness((5,), scored=80)
+    assert study_experiments(cfg, kept=200)[1] == Robustness((5, 25), scored=50)
+    assert study_experiments(cfg, kept=20)[1] == Robustness((5,), scored=50)
     run = tmp_path / "run"
     run_study(cfg_for(tiny_model_dir, dataset), run, resume=False, console=QUIET)
     _, claims = build_report(run)
