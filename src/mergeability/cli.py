@@ -113,7 +113,7 @@ Dtype = Annotated[Optional[str], configured("float32 | float64 | bfloat16 | floa
 Seed = Annotated[Optional[int], configured("Run seed.")]
 Backend = Annotated[Optional[str], configured("Where jobs run: local | processes (forked workers, Linux CPU) | ray.")]
 RayAddress = Annotated[Optional[str], configured("Ray cluster to join.")]
-Workers = Annotated[Optional[int], configured("Ray actors.")]
+Workers = Annotated[Optional[int], configured("Worker processes or Ray actors (default: one per core, or per GPU).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping recorded work.")]
 Config = Annotated[Optional[Path], typer.Option(help="YAML config file; flags override it.")]
 Method = Annotated[Optional[str], configured("Merge method: knots | ties | mean | task_arithmetic.")]
@@ -399,7 +399,8 @@ def experiment(
     backend: Annotated[Optional[str], typer.Option(
         help="Where jobs run: local | processes (forked workers, Linux CPU) | ray.", show_default=RUNS_OWN)] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join.", show_default=RUNS_OWN)] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray actors.", show_default=RUNS_OWN)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes or Ray actors.",
+                                                   show_default=RUNS_OWN)] = None,
 ) -> None:
     """Run one of the paper's follow-up experiments on a run's updates (resumable), then refresh its report."""
     # deferred for start time: the experiments load torch (seconds), which --help and usage errors do not need
