@@ -8,7 +8,7 @@ undercount and a sum of RSS would count the shared pages once per process.
 
     python benchmarks/bench_study.py --out runs/study-wikidata [--dataset geo --items 400] [--model gemma3-270m]
 
-Prints `wall: X of budget` and `rss: Y of budget` last (below 1 is inside the budget). Resumes like the run does:
+Prints `wall: X of budget` and `memory: Y of budget` last (below 1 is inside the budget). Resumes like the run does:
 time a fresh directory.
 """
 

@@ -254,8 +254,8 @@ def local_pool(cfg, context: Any, shared: Any) -> LocalPool | ForkPool:
 @contextlib.contextmanager
 def pool_for(cfg, setup: Callable[[], Any], local_context: Any, shared: Any) -> Iterator:
     """The pool of a run's backend (`cfg.backend`, and the model's `threads` and `device`) for one stage;
-    local reuses the context this process already built, ray builds one per actor with `setup`. Closed (actors
-    released) when the stage ends."""
+    local and processes reuse the context this process already built (`local_pool`), ray builds one per actor
+    with `setup`. Closed (workers or actors released) when the stage ends."""
     if cfg.backend.name != "ray":
         pool = local_pool(cfg, local_context, shared)
     else:

@@ -49,7 +49,7 @@ class Robustness:
                            partners=n, targets=scored)
 
     def sample(self, updates: dict, seed: int) -> list[str]:
-        """The updates scored at the other N values: all, or `scored` of them drawn with the run's seed."""
+        """The updates scored at 2M and at the other N values: all, or `scored` of them drawn with the run's seed."""
         ids = sorted(updates)
         if self.scored is None or self.scored >= len(ids):
             return ids
